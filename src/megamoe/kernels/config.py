@@ -1,0 +1,62 @@
+"""Tile configurations of the grouped GEMMs: a deterministic heuristic with an override.
+
+The heuristic looks at the average rows per local expert. Decode batches give each expert a
+handful of rows, so the token side of the tile is as small as the tensor cores allow (16)
+and many programs stream weights in parallel; prefill batches get 128-row tiles so each
+decoded weight tile is reused by many tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int      # rows (tokens) per tile: the N side of the MMA
+    block_n: int      # output columns per tile (L1: intermediate columns, so 2x weight rows)
+    num_warps: int
+    num_stages: int
+    block_k: int = 64  # bf16xbf16 only; the fp8xfp4 loop steps one 64-wide packed chunk
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"GemmConfig.{name}: expected a power of two >= 16, got {value}")
+
+
+_forced: dict[str, GemmConfig] = {}
+
+
+@contextlib.contextmanager
+def force_config(**configs: GemmConfig):
+    """Use the given configs (keys "l1", "l2") instead of the heuristic, e.g. in tests."""
+    unknown = set(configs) - {"l1", "l2"}
+    if unknown:
+        raise ValueError(f"force_config: unknown keys {sorted(unknown)}; expected l1, l2")
+    saved = dict(_forced)
+    _forced.update(configs)
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)
+
+
+def pick_config(which: str, num_rows: int, num_local_experts: int) -> GemmConfig:
+    """Config for `which` ("l1" or "l2") given the total rows routed to the local experts."""
+    if which in _forced:
+        return _forced[which]
+    rows_per_expert = num_rows / max(num_local_experts, 1)
+    if rows_per_expert <= 16:
+        block_m, warps, stages = 16, 4, 4
+    elif rows_per_expert <= 32:
+        block_m, warps, stages = 32, 4, 4
+    elif rows_per_expert <= 64:
+        block_m, warps, stages = 64, 4, 3
+    else:
+        block_m, warps, stages = 128, 8, 3
+    block_n = 64 if which == "l1" else 128
+    return GemmConfig(block_m, block_n, warps, stages)

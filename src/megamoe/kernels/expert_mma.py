@@ -1,0 +1,78 @@
+"""The main loop shared by the L1 and L2 grouped GEMMs: one expert's weight rows times a tile
+of activation rows, accumulated in FP32.
+
+Operands are swapped against the usual MoE GEMM: the weight tile W [BLOCK_W, K] is the left
+operand and the activation rows enter transposed, acc[n, m] = sum_k W[n, k] * A[m, k]. MXFP4
+weights are decoded to FP8 in registers (never a dequantized copy in memory) and the
+decoded tile feeds the tensor cores from there; a tile of a few tokens (decode) fills the
+narrow N side of the MMA instead of wasting a 64-row M side.
+
+fp8xfp4: each 64-wide K chunk of packed bytes decodes into two FP8 tiles of 32 (low and high
+nibbles, see `weights.py`), multiplied with the matching 32 columns of the FP8 activations.
+Every group of 32 has its own weight scale (per row n) and activation scale (per row m), so
+the partial product of each group is promoted into the accumulator with scale
+2^(ew - 127) * 2^(ea - 127) * 2^6 (the 2^6 undoes the decode's 2^-6, see `decode_e2m1_pair`).
+"""
+
+import triton
+import triton.language as tl
+
+from .common import decode_e2m1_pair, ue8m0_to_fp32
+
+
+@triton.jit
+def mxfp4_rows_dot(acc, w_ptr, w_sf_ptr, w_rows, w_mask, stride_w_n, stride_wsf_g,
+                   a_ptr, a_rows, a_mask, stride_a_m, a_sf_ptr, stride_asf_m, k_size,
+                   A_SF_FP32: tl.constexpr):
+    """acc [BLOCK_W, BLOCK_M] += W[w_rows, :k_size] @ A[a_rows, :k_size].T with MXFP4 W, FP8 A.
+
+    w_ptr:    uint8, packed chunks of the expert (weights.py layout); w_rows [BLOCK_W] int.
+    w_sf_ptr: uint8 exponents of the expert, [KP/32, N] (stride_wsf_g between groups).
+    a_ptr:    float8e4nv rows; a_rows [BLOCK_M] int64 row indices.
+    a_sf_ptr: uint8 exponents [*, stride_asf_m] (or fp32 scales when A_SF_FP32).
+    """
+    num_groups = k_size // 32
+    offs = tl.arange(0, 32)
+    w_base = w_ptr + w_rows[:, None] * stride_w_n + offs[None, :]
+    a_base = a_ptr + a_rows[None, :] * stride_a_m + offs[:, None]
+    for chunk in range(0, tl.cdiv(k_size, 64)):
+        g = 2 * chunk
+        packed = tl.load(w_base + chunk * 32, mask=w_mask[:, None], other=0)
+        w_lo, w_hi = decode_e2m1_pair(packed)
+        hi_ok = g + 1 < num_groups
+        a_lo = tl.load(a_base + g * 32, mask=a_mask[None, :], other=0.0)
+        a_hi = tl.load(a_base + (g + 1) * 32, mask=a_mask[None, :] & hi_ok, other=0.0)
+        sw_lo = ue8m0_to_fp32(tl.load(w_sf_ptr + g * stride_wsf_g + w_rows, mask=w_mask, other=127))
+        sw_hi = ue8m0_to_fp32(tl.load(w_sf_ptr + (g + 1) * stride_wsf_g + w_rows, mask=w_mask, other=127))
+        if A_SF_FP32:
+            sa_lo = tl.load(a_sf_ptr + a_rows * stride_asf_m + g, mask=a_mask, other=1.0)
+            sa_hi = tl.load(a_sf_ptr + a_rows * stride_asf_m + g + 1, mask=a_mask & hi_ok, other=1.0)
+        else:
+            sa_lo = ue8m0_to_fp32(tl.load(a_sf_ptr + a_rows * stride_asf_m + g, mask=a_mask, other=127))
+            sa_hi = ue8m0_to_fp32(tl.load(a_sf_ptr + a_rows * stride_asf_m + g + 1, mask=a_mask & hi_ok,
+                                          other=127))
+        acc += tl.dot(w_lo, a_lo) * (sw_lo[:, None] * (sa_lo * 64.0)[None, :])
+        acc += tl.dot(w_hi, a_hi) * (sw_hi[:, None] * (sa_hi * 64.0)[None, :])
+    return acc
+
+
+@triton.jit
+def bf16_rows_dot(acc, w_ptr, w_rows, w_mask, stride_w_n, a_ptr, a_rows, a_mask, stride_a_m, k_size,
+                  BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """acc [BLOCK_W, BLOCK_M] += W[w_rows, :k_size] @ A[a_rows, :k_size].T, both bfloat16.
+
+    UPCAST multiplies in fp32 instead: Triton 3.6's interpreter multiplies bfloat16 tiles as
+    raw integers, so the CPU tests pass UPCAST=True (exact: bf16 products fit in fp32).
+    """
+    offs = tl.arange(0, BLOCK_K)
+    for k0 in range(0, k_size, BLOCK_K):
+        k_ok = k0 + offs < k_size
+        w = tl.load(w_ptr + w_rows[:, None] * stride_w_n + (k0 + offs)[None, :],
+                    mask=w_mask[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + a_rows[None, :] * stride_a_m + (k0 + offs)[:, None],
+                    mask=a_mask[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:
+            acc += tl.dot(w.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(w, a)
+    return acc

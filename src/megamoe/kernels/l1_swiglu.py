@@ -1,0 +1,87 @@
+"""L1: grouped GEMM of the received rows with the gate/up weights, with the SwiGLU fused in.
+
+One program computes BLOCK_N intermediate columns of BLOCK_M rows of one expert. Its weight
+tile stacks BLOCK_N gate rows over the BLOCK_N matching up rows, so gate and up of a column
+come out of one accumulator [2 * BLOCK_N, BLOCK_M]. The epilogue, all in registers:
+
+    gate, up = BF16-round(acc)             (the precision contract rounds L1's output to BF16)
+    gate <= c, -c <= up <= c                (optional activation clamp)
+    a = SiLU(gate) * up * routing weight    FP32
+    a -> FP8 with one scale per 32 columns  (UE8M0 or FP32 scales), or BF16 in bf16xbf16 mode
+
+and writes `inter` rows in expert-sorted order for L2. Nothing of width 2I touches memory.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import find_expert_tile, quantize_groups_fp32, quantize_groups_ue8m0, round_to_bf16
+from .expert_mma import bf16_rows_dot, mxfp4_rows_dot
+
+
+@triton.jit
+def _l1_swiglu_kernel(
+    a_ptr, a_sf_ptr, stride_a_m, stride_asf_m,         # activations [*, H] and their scales
+    topk_weights_ptr, sorted_rows_ptr, expert_offsets_ptr,
+    w_ptr, w_sf_ptr, stride_w_e, stride_w_n, stride_wsf_e, stride_wsf_g,
+    inter_ptr, inter_sf_ptr,
+    hidden, inter, num_local_experts, num_topk, num_cols_tiles,
+    clamp,
+    QUANTIZED: tl.constexpr, HAS_CLAMP: tl.constexpr, INTER_SF_FP32: tl.constexpr, A_BY_TOKEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile_m = pid // num_cols_tiles
+    tile_n = pid % num_cols_tiles
+    expert, row_start, row_end = find_expert_tile(expert_offsets_ptr, num_local_experts, tile_m, BLOCK_M, BLOCK_E)
+    if expert < num_local_experts:
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        src = tl.load(sorted_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        # At EP = 1 the activations are the buffer's token rows; after a dispatch they are the
+        # received rows in expert order.
+        a_rows = src // num_topk if A_BY_TOKEN else rows.to(tl.int64)
+
+        j = tl.arange(0, 2 * BLOCK_N)
+        col = tile_n * BLOCK_N + (j % BLOCK_N)
+        w_rows = col + (j // BLOCK_N) * inter           # gate rows, then the matching up rows
+        w_mask = col < inter
+        acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
+        expert64 = expert.to(tl.int64)
+        if QUANTIZED:
+            acc = mxfp4_rows_dot(acc, w_ptr + expert64 * stride_w_e, w_sf_ptr + expert64 * stride_wsf_e, w_rows,
+                                 w_mask, stride_w_n, stride_wsf_g, a_ptr, a_rows, row_mask, stride_a_m,
+                                 a_sf_ptr, stride_asf_m, hidden, A_SF_FP32=False)
+        else:
+            acc = bf16_rows_dot(acc, w_ptr + expert64 * stride_w_e, w_rows, w_mask, stride_w_n, a_ptr, a_rows,
+                                row_mask, stride_a_m, hidden, BLOCK_K=BLOCK_K, UPCAST=UPCAST)
+
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N, BLOCK_M)), (1, 2, 0)))
+        gate = round_to_bf16(gate)
+        up = round_to_bf16(up)
+        if HAS_CLAMP:
+            gate = tl.minimum(gate, clamp)
+            up = tl.minimum(tl.maximum(up, -clamp), clamp)
+        route_w = tl.load(topk_weights_ptr + src, mask=row_mask, other=0.0)
+        act = gate / (1.0 + tl.exp(-gate)) * up * route_w[None, :]
+
+        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        out_mask = (cols < inter)[:, None] & row_mask[None, :]
+        out_ptrs = inter_ptr + rows.to(tl.int64)[None, :] * inter + cols[:, None]
+        if QUANTIZED:
+            groups = tile_n * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32)
+            sf_mask = (groups < inter // 32)[:, None] & row_mask[None, :]
+            sf_ptrs = inter_sf_ptr + rows.to(tl.int64)[None, :] * (inter // 32) + groups[:, None]
+            grouped = tl.reshape(act, (BLOCK_N // 32, 32, BLOCK_M))
+            if INTER_SF_FP32:
+                q, scale = quantize_groups_fp32(grouped)
+                tl.store(sf_ptrs, scale, mask=sf_mask)
+            else:
+                q, exponent = quantize_groups_ue8m0(grouped)
+                tl.store(sf_ptrs, exponent.to(tl.uint8), mask=sf_mask)
+            tl.store(out_ptrs, tl.reshape(q, (BLOCK_N, BLOCK_M)).to(tl.float8e4nv), mask=out_mask)
+        else:
+            tl.store(out_ptrs, round_to_bf16(act).to(tl.bfloat16), mask=out_mask)

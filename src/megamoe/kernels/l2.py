@@ -1,0 +1,47 @@
+"""L2: grouped GEMM of the SwiGLU rows with the down-projection weights -> BF16 rows.
+
+One program computes BLOCK_N hidden columns of BLOCK_M rows of one expert and writes each
+row, rounded to BF16, to the combine slot of the (token, slot) it came from, so no separate
+un-permute pass is needed: the combine reads a dense [tokens * K, H] table.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import find_expert_tile, round_to_bf16
+from .expert_mma import bf16_rows_dot, mxfp4_rows_dot
+
+
+@triton.jit
+def _l2_kernel(
+    inter_ptr, inter_sf_ptr, sorted_rows_ptr, expert_offsets_ptr,
+    w_ptr, w_sf_ptr, stride_w_e, stride_w_n, stride_wsf_e, stride_wsf_g,
+    out_ptr, hidden, inter, num_local_experts, num_cols_tiles,
+    QUANTIZED: tl.constexpr, INTER_SF_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile_m = pid // num_cols_tiles
+    tile_n = pid % num_cols_tiles
+    expert, row_start, row_end = find_expert_tile(expert_offsets_ptr, num_local_experts, tile_m, BLOCK_M, BLOCK_E)
+    if expert < num_local_experts:
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        a_rows = rows.to(tl.int64)
+        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < hidden
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        expert64 = expert.to(tl.int64)
+        if QUANTIZED:
+            acc = mxfp4_rows_dot(acc, w_ptr + expert64 * stride_w_e, w_sf_ptr + expert64 * stride_wsf_e, cols,
+                                 col_mask, stride_w_n, stride_wsf_g, inter_ptr, a_rows, row_mask, inter,
+                                 inter_sf_ptr, inter // 32, inter, A_SF_FP32=INTER_SF_FP32)
+        else:
+            acc = bf16_rows_dot(acc, w_ptr + expert64 * stride_w_e, cols, col_mask, stride_w_n, inter_ptr, a_rows,
+                                row_mask, inter, inter, BLOCK_K=BLOCK_K, UPCAST=UPCAST)
+        dst = tl.load(sorted_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        out_ptrs = out_ptr + dst[None, :] * hidden + cols[:, None]
+        tl.store(out_ptrs, round_to_bf16(acc).to(tl.bfloat16), mask=col_mask[:, None] & row_mask[None, :])

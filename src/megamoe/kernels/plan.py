@@ -1,0 +1,87 @@
+"""plan: which rows each local expert receives, computed on the device with no host sync.
+
+Two launches over the (rank, token, slot) entries of the routing table:
+  count:   expert_count[e] += 1 per entry routed to local expert e; the atomic's old value is
+           the entry's position within its expert (slot_rank).
+  scatter: expert_offsets = exclusive prefix sum of expert_count (every program recomputes it,
+           it is at most a few hundred numbers); sorted_rows[offsets[e] + slot_rank] = entry.
+           Program 0 writes expert_offsets and adds the counts to recv_stats.
+
+The order of rows within an expert depends on atomic timing, but no output does: each row's
+GEMM result is independent of its position in a tile, and the combine sums slots in slot order.
+Entries with ids outside [-1, num_experts) are skipped and counted in meta[1].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..buffer import META_BAD_EXPERT_IDS
+
+BLOCK = 1024
+
+
+@triton.jit(do_not_specialize=["num_entries"])
+def _plan_count_kernel(topk_idx_ptr, expert_count_ptr, slot_rank_ptr, meta_ptr, num_entries,
+                       num_experts, first_expert, num_local_experts,
+                       BLOCK: tl.constexpr, META_BAD: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < num_entries
+    expert = tl.load(topk_idx_ptr + offs, mask=valid, other=-1)
+    bad = valid & ((expert < -1) | (expert >= num_experts))
+    num_bad = tl.sum(bad.to(tl.int32), axis=0)
+    if num_bad > 0:
+        tl.atomic_add(meta_ptr + META_BAD, num_bad)
+    local = expert - first_expert
+    mine = valid & (local >= 0) & (local < num_local_experts) & ~bad
+    rank = tl.atomic_add(expert_count_ptr + local, 1, mask=mine)
+    tl.store(slot_rank_ptr + offs, rank, mask=mine)
+
+
+@triton.jit(do_not_specialize=["num_entries"])
+def _plan_scatter_kernel(topk_idx_ptr, expert_count_ptr, slot_rank_ptr, expert_offsets_ptr,
+                         sorted_rows_ptr, recv_stats_ptr, num_entries, num_experts, first_expert,
+                         num_local_experts, HAS_STATS: tl.constexpr, BLOCK: tl.constexpr,
+                         BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    counts = tl.load(expert_count_ptr + e, mask=e < num_local_experts, other=0)
+    offsets = tl.cumsum(counts, axis=0) - counts
+    if pid == 0:
+        tl.store(expert_offsets_ptr + e, offsets, mask=e < num_local_experts)
+        tl.store(expert_offsets_ptr + num_local_experts, tl.sum(counts, axis=0))
+        if HAS_STATS:
+            stats = tl.load(recv_stats_ptr + e, mask=e < num_local_experts)
+            tl.store(recv_stats_ptr + e, stats + counts, mask=e < num_local_experts)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < num_entries
+    expert = tl.load(topk_idx_ptr + offs, mask=valid, other=-1)
+    local = expert - first_expert
+    mine = valid & (expert >= 0) & (expert < num_experts) & (local >= 0) & (local < num_local_experts)
+    rank = tl.load(slot_rank_ptr + offs, mask=mine, other=0)
+    # Gather this entry's expert offset from the per-program copy of the prefix sum.
+    base = tl.sum(tl.where(local[:, None] == e[None, :], offsets[None, :], 0), axis=1)
+    tl.store(sorted_rows_ptr + base + rank, offs.to(tl.int32), mask=mine)
+
+
+def plan(topk_idx: torch.Tensor, num_entries: int, buf, recv_stats: torch.Tensor | None) -> None:
+    """Fill buf.expert_count, expert_offsets, slot_rank and sorted_rows for `num_entries` entries.
+
+    topk_idx: int32, the flat routing table (num_entries = tokens * K at EP = 1).
+    recv_stats: int32 [num_local_experts] or None; counts are added to it.
+    """
+    first_expert = buf.rank * buf.num_local_experts
+    block_e = triton.next_power_of_2(buf.num_local_experts)
+    # The scatter gathers offsets with a [BLOCK, BLOCK_E] compare; keep that tile bounded.
+    block = max(16, min(BLOCK, 16384 // block_e))
+    grid = (max(1, triton.cdiv(num_entries, block)),)
+    buf.expert_count.zero_()
+    _plan_count_kernel[grid](topk_idx, buf.expert_count, buf.slot_rank, buf.meta, num_entries,
+                             buf.num_experts, first_expert, buf.num_local_experts,
+                             BLOCK=block, META_BAD=META_BAD_EXPERT_IDS)
+    _plan_scatter_kernel[grid](topk_idx, buf.expert_count, buf.slot_rank, buf.expert_offsets,
+                               buf.sorted_rows, recv_stats if recv_stats is not None else buf.expert_count,
+                               num_entries, buf.num_experts, first_expert, buf.num_local_experts,
+                               HAS_STATS=recv_stats is not None, BLOCK=block, BLOCK_E=block_e)

@@ -1,0 +1,116 @@
+"""Expert weights in the layout the kernels read.
+
+User layout (DESIGN.md section 2), per rank's local experts E_l:
+    fp8xfp4:   L1 (uint8 [E_l, 2I, H/2], uint8 [E_l, 2I, H/32]), gate rows then up rows;
+               L2 (uint8 [E_l, H, I/2], uint8 [E_l, H, I/32]). Element 2i in the low nibble.
+    bf16xbf16: L1 bfloat16 [E_l, 2I, H], L2 bfloat16 [E_l, H, I].
+
+Kernel layout (`ExpertWeights`), fp8xfp4:
+    w    uint8 [E_l, N, KP/2]   KP = K rounded up to 64. K is cut into chunks of 64; byte j of
+                                chunk c holds element 64c + j in its low nibble and element
+                                64c + 32 + j in its high nibble, so the two nibbles of a tile
+                                of bytes decode to two whole scale groups with no shuffling.
+    w_sf uint8 [E_l, KP/32, N]  exponents transposed so that one group's scales for a tile of
+                                N rows are contiguous; padding groups hold 127.
+bf16xbf16: w is the user tensor (contiguous), w_sf is None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .formats import SCALE_GROUP, UE8M0_PAD, check_mxfp4, e2m1_lut, ue8m0_to_float
+from .reference import check_mode
+
+CHUNK = 64
+"""K elements per packed chunk: two scale groups, one in each nibble."""
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One projection of all local experts, laid out for the kernels. out = W @ in, W: [N, K]."""
+
+    mode: str
+    w: torch.Tensor
+    w_sf: torch.Tensor | None
+    num_experts: int
+    n: int
+    k: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.w.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.numel() * self.w.element_size() + (self.w_sf.numel() if self.w_sf is not None else 0)
+
+    def dequantize(self, expert: int) -> torch.Tensor:
+        """float32 [N, K]: the values of one expert's matrix (the CPU path and tests use this)."""
+        if self.mode != "fp8xfp4":
+            return self.w[expert].float()
+        packed = self.w[expert]
+        n, half_kp = packed.shape
+        chunks = packed.view(n, half_kp // (CHUNK // 2), 1, CHUNK // 2)
+        codes = torch.cat([chunks & 0xF, chunks >> 4], dim=2).reshape(n, 2 * half_kp)
+        values = e2m1_lut(packed.device)[codes.long()].view(n, -1, SCALE_GROUP)
+        scales = ue8m0_to_float(self.w_sf[expert].transpose(0, 1)).unsqueeze(-1)
+        return (values * scales).reshape(n, -1)[:, : self.k]
+
+
+def _pack_chunks(w_q: torch.Tensor, w_sf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    e, n, half_k = w_q.shape
+    k = 2 * half_k
+    kp = -(-k // CHUNK) * CHUNK
+    codes = torch.zeros(e, n, kp, dtype=torch.uint8, device=w_q.device)
+    codes[..., 0:k:2] = w_q & 0xF
+    codes[..., 1:k:2] = w_q >> 4
+    chunks = codes.view(e, n, kp // CHUNK, 2, CHUNK // 2)
+    packed = (chunks[..., 0, :] | (chunks[..., 1, :] << 4)).reshape(e, n, kp // 2)
+    scales = torch.full((e, kp // SCALE_GROUP, n), UE8M0_PAD, dtype=torch.uint8, device=w_sf.device)
+    scales[:, : k // SCALE_GROUP, :] = w_sf.transpose(1, 2)
+    return packed.contiguous(), scales
+
+
+def _transform_one(weights, mode: str, name: str) -> ExpertWeights:
+    if mode == "fp8xfp4":
+        if not (isinstance(weights, (tuple, list)) and len(weights) == 2):
+            raise TypeError(f"{name}: in fp8xfp4 mode expected a pair (w_q, w_sf) of uint8 tensors")
+        w_q, w_sf = weights
+        check_mxfp4(name, w_q, w_sf)
+        if w_q.dim() != 3:
+            raise ValueError(f"{name}: expected w_q of shape [E, N, K/2], got {tuple(w_q.shape)}")
+        packed, scales = _pack_chunks(w_q, w_sf)
+        return ExpertWeights(mode, packed, scales, w_q.shape[0], w_q.shape[1], 2 * w_q.shape[2])
+    if not isinstance(weights, torch.Tensor) or weights.dtype != torch.bfloat16 or weights.dim() != 3:
+        raise TypeError(f"{name}: in bf16xbf16 mode expected a bfloat16 tensor [E, N, K], got "
+                        f"{getattr(weights, 'dtype', type(weights))} {tuple(getattr(weights, 'shape', ()))}")
+    if weights.shape[2] % SCALE_GROUP:
+        raise ValueError(f"{name}: K must be a multiple of {SCALE_GROUP}, got shape {tuple(weights.shape)}")
+    e, n, k = weights.shape
+    return ExpertWeights(mode, weights.contiguous(), None, e, n, k)
+
+
+def transform_weights(l1_weights, l2_weights, mode: str = "fp8xfp4") -> tuple[ExpertWeights, ExpertWeights]:
+    """User-layout L1 / L2 expert weights (module docstring) -> (l1, l2) for `mega_moe`.
+
+    L1 is [E_l, 2I, H] (gate rows 0..I-1, up rows I..2I-1), L2 is [E_l, H, I], in the packed
+    forms of `mode`. Raises TypeError / ValueError naming the tensor on any mismatch.
+    """
+    check_mode(mode)
+    l1 = _transform_one(l1_weights, mode, "l1_weights")
+    l2 = _transform_one(l2_weights, mode, "l2_weights")
+    if l1.n % 2:
+        raise ValueError(f"l1_weights: expected 2I rows (gate then up), got {l1.n}")
+    inter = l1.n // 2
+    if inter % SCALE_GROUP:
+        raise ValueError(f"l1_weights: intermediate I = {inter} must be a multiple of {SCALE_GROUP}")
+    expected_l2 = (l1.num_experts, l1.k, inter)
+    if (l2.num_experts, l2.n, l2.k) != expected_l2:
+        raise ValueError(f"l2_weights: expected [E, H, I] = {list(expected_l2)} to match l1_weights "
+                         f"[E, 2I, H] = {[l1.num_experts, l1.n, l1.k]}, got {[l2.num_experts, l2.n, l2.k]}")
+    if l1.device != l2.device:
+        raise ValueError(f"l2_weights: expected device {l1.device} like l1_weights, got {l2.device}")
+    return l1, l2
