@@ -38,8 +38,8 @@ def check_intermediate_sf(intermediate_sf: str) -> None:
         raise ValueError(f"intermediate_sf: expected one of {INTERMEDIATE_SF}, got {intermediate_sf!r}")
 
 
-def expert_weights_float(weights, mode: str, name: str) -> torch.Tensor:
-    """User-layout expert weights -> float32 [E, N, K] values.
+def check_expert_weights(weights, mode: str, name: str) -> tuple[int, int, int]:
+    """Validate user-layout expert weights; return their [E, N, K].
 
     fp8xfp4: `weights` is the MXFP4 pair (w_q uint8 [E, N, K/2], w_sf uint8 [E, N, K/32]).
     bf16xbf16: `weights` is a bfloat16 tensor [E, N, K].
@@ -51,10 +51,18 @@ def expert_weights_float(weights, mode: str, name: str) -> torch.Tensor:
         formats.check_mxfp4(name, *weights)
         if weights[0].dim() != 3:
             raise ValueError(f"{name}: expected w_q of shape [E, N, K/2], got {tuple(weights[0].shape)}")
-        return formats.dequantize_mxfp4(*weights)
+        e, n, half_k = weights[0].shape
+        return e, n, 2 * half_k
     if not isinstance(weights, torch.Tensor) or weights.dtype != torch.bfloat16 or weights.dim() != 3:
         raise TypeError(f"{name}: in bf16xbf16 mode expected a bfloat16 tensor [E, N, K]")
-    return weights.float()
+    return tuple(weights.shape)
+
+
+def expert_matrix(weights, mode: str, expert: int) -> torch.Tensor:
+    """float64 [N, K]: one expert's matrix from user-layout weights (validated by the caller)."""
+    if mode == "fp8xfp4":
+        return formats.dequantize_mxfp4(weights[0][expert], weights[1][expert]).double()
+    return weights[expert].double()
 
 
 def _round_bf16(t: torch.Tensor) -> torch.Tensor:
@@ -121,14 +129,13 @@ def mega_moe_reference(
     check_intermediate_sf(intermediate_sf)
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x: expected a tensor of shape [T, H], got {getattr(x, 'shape', type(x))}")
-    w1 = expert_weights_float(l1_weights, mode, "l1_weights")
-    w2 = expert_weights_float(l2_weights, mode, "l2_weights")
-    num_experts, two_inter, hidden = w1.shape
+    num_experts, two_inter, hidden = check_expert_weights(l1_weights, mode, "l1_weights")
+    l2_shape = check_expert_weights(l2_weights, mode, "l2_weights")
     inter = two_inter // 2
     if hidden != x.shape[1] or two_inter % 2:
-        raise ValueError(f"l1_weights: expected [E, 2I, {x.shape[1]}], got {tuple(w1.shape)}")
-    if tuple(w2.shape) != (num_experts, hidden, inter):
-        raise ValueError(f"l2_weights: expected {(num_experts, hidden, inter)}, got {tuple(w2.shape)}")
+        raise ValueError(f"l1_weights: expected [E, 2I, {x.shape[1]}], got {[num_experts, two_inter, hidden]}")
+    if tuple(l2_shape) != (num_experts, hidden, inter):
+        raise ValueError(f"l2_weights: expected {[num_experts, hidden, inter]}, got {list(l2_shape)}")
     if activation_clamp is not None and not activation_clamp > 0:
         raise ValueError(f"activation_clamp: expected None or a positive number, got {activation_clamp}")
     _check_routing(x, topk_idx, topk_weights, num_experts)
@@ -146,7 +153,7 @@ def mega_moe_reference(
     for expert in torch.unique(idx[idx >= 0]).tolist():
         token, slot = (idx == expert).nonzero(as_tuple=True)
         counts[expert] = token.numel()
-        h = _round_bf16(x64[token] @ w1[expert].double().T)
+        h = _round_bf16(x64[token] @ expert_matrix(l1_weights, mode, expert).T)
         gate, up = h[:, :inter], h[:, inter:]
         if activation_clamp is not None:
             gate = gate.clamp(max=activation_clamp)
@@ -156,7 +163,7 @@ def mega_moe_reference(
             a = requantize_intermediate(a, intermediate_sf)
         else:
             a = _round_bf16(a)
-        out = _round_bf16(a.double() @ w2[expert].double().T)
+        out = _round_bf16(a.double() @ expert_matrix(l2_weights, mode, expert).T)
         y.index_add_(0, token, out)
     y = _round_bf16(y)
     return (y, counts) if return_recv_counts else y

@@ -62,45 +62,64 @@ def make_routing(num_tokens: int, num_experts: int, num_topk: int, routing: str 
         raise ValueError(f"routing: expected one of {ROUTINGS}, got {routing!r}")
     if num_topk > num_experts:
         raise ValueError(f"num_topk: expected <= num_experts ({num_experts}), got {num_topk}")
-    if routing == "uniform":
-        scores = torch.rand(num_tokens, num_experts, generator=generator)
-    elif routing == "skewed":
-        ranks = torch.arange(1, num_experts + 1, dtype=torch.float32)
-        scores = torch.rand(num_tokens, num_experts, generator=generator) / ranks ** 1.2
-    else:
-        scores = torch.rand(num_tokens, num_experts, generator=generator)
+    device = generator.device if generator is not None else torch.device("cpu")
+
+    def rand(*size):
+        return torch.rand(*size, generator=generator, device=device)
+
+    scores = rand(num_tokens, num_experts)
+    if routing == "skewed":
+        scores = scores / torch.arange(1, num_experts + 1, dtype=torch.float32, device=device) ** 1.2
+    elif routing == "one_expert":
         scores[:, 0] = 2.0
     topk_idx = scores.topk(num_topk, dim=1).indices
     if routing == "one_expert" and num_topk > 1:
         topk_idx[:, 1:] = -1
-    topk_weights = torch.rand(num_tokens, num_topk, generator=generator) + 0.05
+    topk_weights = rand(num_tokens, num_topk) + 0.05
     topk_weights = topk_weights / topk_weights.sum(dim=1, keepdim=True)
     if masked_ratio > 0:
-        mask = torch.rand(num_tokens, num_topk, generator=generator) < masked_ratio
+        mask = rand(num_tokens, num_topk) < masked_ratio
         topk_idx = topk_idx.masked_fill(mask, -1)
     return topk_idx, topk_weights
+
+
+def _quantize_per_expert(w: torch.Tensor):
+    """MXFP4 one expert at a time, so a whole model's weights never need FP32 temporaries."""
+    e, n, k = w.shape
+    w_q = torch.empty(e, n, k // 2, dtype=torch.uint8, device=w.device)
+    w_sf = torch.empty(e, n, k // 32, dtype=torch.uint8, device=w.device)
+    for expert in range(e):
+        w_q[expert], w_sf[expert] = quantize_mxfp4(w[expert])
+    return w_q, w_sf
 
 
 def make_problem(shape: MoEShape, num_tokens: int, mode: str = "fp8xfp4", routing: str = "uniform",
                  masked_ratio: float = 0.0, seed: int = 0, device: str | torch.device = "cpu",
                  num_experts: int | None = None) -> MoEProblem:
-    """A random problem. Weights are scaled like trained ones (std ~ 1/sqrt(fan_in)).
-
-    `num_experts` overrides the shape's expert count (benchmarks at a fraction of a model).
+    """A random problem, generated on `device`. Weights are scaled like trained ones
+    (std ~ 1/sqrt(fan_in)). `num_experts` overrides the shape's expert count.
     """
-    g = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
     e = num_experts or shape.num_experts
     h, i = shape.hidden, shape.intermediate
-    x = torch.randn(num_tokens, h, generator=g).bfloat16()
-    w1 = (torch.randn(e, 2 * i, h, generator=g) / h ** 0.5).bfloat16()
-    w2 = (torch.randn(e, h, i, generator=g) / i ** 0.5).bfloat16()
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=g, device=device) * scale).bfloat16()
+
+    x = randn(num_tokens, h)
+    w1 = torch.empty(e, 2 * i, h, dtype=torch.bfloat16, device=device)
+    w2 = torch.empty(e, h, i, dtype=torch.bfloat16, device=device)
+    for expert in range(e):  # one expert at a time: no FP32 copy of a whole model
+        w1[expert] = randn(2 * i, h, scale=h ** -0.5)
+        w2[expert] = randn(h, i, scale=i ** -0.5)
     topk_idx, topk_weights = make_routing(num_tokens, e, shape.num_topk, routing, masked_ratio, g)
     problem = MoEProblem(x, topk_idx, topk_weights, w1, w2, mode)
     if mode == "fp8xfp4":
-        problem.l1, problem.l2 = quantize_mxfp4(w1), quantize_mxfp4(w2)
+        problem.l1, problem.l2 = _quantize_per_expert(w1), _quantize_per_expert(w2)
     else:
         problem.l1, problem.l2 = w1, w2
-    return problem.to(device)
+    return problem
 
 
 def _to(obj, device):

@@ -1,0 +1,253 @@
+"""The fused EP = 1 path (pre_dispatch, plan, L1 + SwiGLU, L2, combine) against the oracle.
+
+On the CPU these run the Triton kernels themselves through Triton's interpreter (conftest.py);
+on a GPU the same tests run the compiled kernels.
+"""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import megamoe
+from megamoe.kernels.config import GemmConfig, force_config
+from megamoe.testing import MoEShape, make_problem, relative_error
+
+from tolerances import LAYER_KERNEL_VS_REFERENCE
+
+
+@dataclass(frozen=True)
+class Case:
+    hidden: int
+    inter: int
+    experts: int
+    topk: int
+    tokens: int
+    capacity: int
+    routing: str = "uniform"
+    masked: float = 0.0
+    mode: str = "fp8xfp4"
+    intermediate_sf: str = "ue8m0"
+    clamp: float | None = None
+    scaling: float = 1.0
+
+    def __str__(self):
+        return (f"H{self.hidden}-I{self.inter}-E{self.experts}-K{self.topk}-T{self.tokens}-{self.routing}"
+                f"-m{self.masked}-{self.mode}-{self.intermediate_sf}-c{self.clamp}")
+
+
+CASES = [
+    Case(96, 64, 8, 3, 13, 16, masked=0.2),
+    Case(96, 64, 8, 3, 0, 16),                                  # no tokens
+    Case(160, 96, 5, 2, 37, 40, routing="skewed"),              # odd sizes, skewed routing
+    Case(128, 64, 6, 4, 11, 11, routing="one_expert"),          # every token to expert 0
+    Case(96, 64, 8, 2, 9, 12, masked=1.0),                      # every slot masked
+    Case(64, 32, 16, 1, 3, 8),                                  # most experts receive nothing
+    Case(96, 64, 8, 3, 13, 16, masked=0.2, mode="bf16xbf16"),
+    Case(96, 64, 8, 3, 13, 16, masked=0.2, intermediate_sf="fp32"),
+    Case(96, 64, 8, 3, 13, 16, clamp=0.05, scaling=2.5),
+    Case(2880, 64, 4, 2, 3, 4),                                  # gpt-oss hidden, not a multiple of 128
+    Case(64, 2880, 4, 2, 3, 4),                                  # gpt-oss intermediate
+]
+
+
+def run_case(case: Case, device, seed: int = 0):
+    shape = MoEShape("case", case.experts, case.topk, case.hidden, case.inter)
+    # Generated on the CPU so that every device sees the same numbers.
+    p = make_problem(shape, case.tokens, mode=case.mode, routing=case.routing, masked_ratio=case.masked,
+                     seed=seed).to(device)
+    buf = megamoe.MegaMoEBuffer(case.experts, case.capacity, case.topk, case.hidden, case.inter, mode=case.mode,
+                                intermediate_sf=case.intermediate_sf, device=device)
+    l1, l2 = megamoe.transform_weights(p.l1, p.l2, mode=case.mode)
+    megamoe.pre_dispatch(p.x, p.topk_idx.int(), p.topk_weights, buf, routed_scaling_factor=case.scaling)
+    stats = torch.randint(0, 100, (case.experts,), dtype=torch.int32, device=device)
+    stats0 = stats.clone()
+    y = torch.full_like(p.x, float("nan"))
+    megamoe.mega_moe(y, l1, l2, buf, activation_clamp=case.clamp, recv_stats=stats)
+    return p, buf, (l1, l2), y, stats - stats0
+
+
+def reference(case: Case, p):
+    return megamoe.reference.mega_moe_reference(
+        p.x, p.topk_idx, p.topk_weights, p.l1, p.l2, mode=case.mode, activation_clamp=case.clamp,
+        routed_scaling_factor=case.scaling, intermediate_sf=case.intermediate_sf, return_recv_counts=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_layer_matches_reference(case, device):
+    p, buf, _, y, added = run_case(case, device)
+    ref, counts = reference(case, p)
+    assert torch.equal(added, counts)                                     # recv_stats is added to
+    assert not torch.isnan(y).any()                                       # every row was written
+    assert relative_error(y, ref) <= LAYER_KERNEL_VS_REFERENCE
+    masked = (p.topk_idx < 0).all(dim=1)
+    assert torch.equal(y[masked], torch.zeros_like(y[masked]))            # no expert: exact zeros
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=str)
+def test_pre_dispatch_is_exact(case, device):
+    p, buf, _, _, _ = run_case(case, device)
+    t = case.tokens
+    q, sf = megamoe.quantize_fp8(p.x)
+    assert torch.equal(buf.x[:t].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(buf.x_sf[:t], sf)
+    assert torch.equal(buf.topk_idx[:t], p.topk_idx.int())
+    assert torch.equal(buf.topk_weights[:t], p.topk_weights * torch.tensor(case.scaling, dtype=torch.float32))
+    assert (buf.topk_idx[t:] == -1).all()
+    assert int(buf.meta[0]) == t
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[5]], ids=str)
+def test_plan_metadata_is_exact(case, device):
+    p, buf, _, _, _ = run_case(case, device)
+    p, buf = p.to("cpu"), {name: getattr(buf, name).cpu() for name in ("expert_count", "expert_offsets", "sorted_rows")}
+    flat = p.topk_idx.reshape(-1)
+    counts = torch.zeros(case.experts, dtype=torch.int32)
+    for e in flat[flat >= 0].tolist():
+        counts[e] += 1
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(counts, 0).int()])
+    assert torch.equal(buf["expert_count"], counts)
+    assert torch.equal(buf["expert_offsets"], offsets)
+    for e in range(case.experts):
+        got = buf["sorted_rows"][offsets[e]:offsets[e + 1]].sort().values
+        expected = (flat == e).nonzero().flatten().int()
+        assert torch.equal(got, expected)
+
+
+def test_reruns_are_bitwise_identical(device):
+    case = CASES[2]
+    _, _, _, y1, _ = run_case(case, device)
+    _, _, _, y2, _ = run_case(case, device)
+    assert torch.equal(y1.view(torch.int16), y2.view(torch.int16))
+
+
+@pytest.mark.parametrize("l1, l2", [
+    (GemmConfig(16, 32, 4, 2), GemmConfig(16, 16, 4, 2)),
+    (GemmConfig(32, 64, 4, 3), GemmConfig(64, 32, 4, 3)),
+])
+def test_every_tile_config_path(l1, l2, device):
+    """Several row tiles per expert, and column tiles narrower than one scale word."""
+    case = Case(160, 96, 4, 2, 40, 40, routing="skewed")
+    with force_config(l1=l1, l2=l2):
+        p, _, _, y, _ = run_case(case, device)
+    assert relative_error(y, reference(case, p)[0]) <= LAYER_KERNEL_VS_REFERENCE
+
+
+def test_cpu_torch_path_agrees(monkeypatch, device):
+    case = CASES[2]
+    p, _, _, y_kernels, _ = run_case(case, device)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _, _, _, y_torch, _ = run_case(case, "cpu")
+    y_kernels = y_kernels.cpu()
+    p = p.to("cpu")
+    assert relative_error(y_torch, reference(case, p)[0]) <= LAYER_KERNEL_VS_REFERENCE
+    assert relative_error(y_torch, y_kernels) <= LAYER_KERNEL_VS_REFERENCE
+
+
+def test_nan_in_one_token_stays_there(device):
+    case = CASES[0]
+    shape = MoEShape("case", case.experts, case.topk, case.hidden, case.inter)
+    p = make_problem(shape, case.tokens, seed=1, device=device)
+    buf = megamoe.MegaMoEBuffer(case.experts, case.capacity, case.topk, case.hidden, case.inter, device=device)
+    l1, l2 = megamoe.transform_weights(p.l1, p.l2)
+    ys = []
+    for poison in (False, True):
+        x = p.x.clone()
+        if poison:
+            x[5, 17] = float("nan")
+        megamoe.pre_dispatch(x, p.topk_idx, p.topk_weights, buf)
+        y = torch.empty_like(x)
+        megamoe.mega_moe(y, l1, l2, buf)
+        ys.append(y)
+    keep = torch.arange(case.tokens, device=device) != 5
+    assert torch.equal(ys[0][keep].view(torch.int16), ys[1][keep].view(torch.int16))
+    assert torch.isnan(ys[1][5]).any()
+
+
+# ------------------------------------------------------------------ bad input
+
+@pytest.fixture
+def setup(device):
+    shape = MoEShape("case", 8, 3, 96, 64)
+    p = make_problem(shape, 5, seed=2, device=device)
+    buf = megamoe.MegaMoEBuffer(8, 8, 3, 96, 64, device=device)
+    l1, l2 = megamoe.transform_weights(p.l1, p.l2)
+    megamoe.pre_dispatch(p.x, p.topk_idx, p.topk_weights, buf)
+    return p, buf, l1, l2
+
+
+def _snapshot(buf):
+    return buf._storage.clone()
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda p: dict(x=p.x.float().half()[:, :64]), ValueError, "x"),
+    (lambda p: dict(x=p.x.int()), TypeError, "x"),
+    (lambda p: dict(x=torch.randn(9, 96, device=p.x.device).bfloat16()), ValueError, "capacity"),
+    (lambda p: dict(x=p.x[:, ::2].repeat(1, 2)[:, :96].t().contiguous().t()), ValueError, "stride"),
+    (lambda p: dict(topk_idx=p.topk_idx[:, :2].contiguous()), ValueError, "topk_idx"),
+    (lambda p: dict(topk_idx=p.topk_idx.float()), TypeError, "topk_idx"),
+    (lambda p: dict(topk_idx=p.topk_idx.masked_fill(p.topk_idx == p.topk_idx[0, 0], 8)), ValueError,
+     r"\[-1, 8\)"),
+    (lambda p: dict(topk_idx=p.topk_idx.masked_fill(p.topk_idx == p.topk_idx[0, 0], -2)), ValueError, "topk_idx"),
+    (lambda p: dict(topk_weights=p.topk_weights.half()), TypeError, "topk_weights"),
+    (lambda p: dict(topk_weights=p.topk_weights.t().contiguous().t()[:4]), ValueError, "topk_weights"),
+    (lambda p: dict(routed_scaling_factor="2"), TypeError, "routed_scaling_factor"),
+])
+def test_pre_dispatch_rejects_before_writing(setup, mutate, error, match):
+    p, buf, _, _ = setup
+    args = dict(x=p.x, topk_idx=p.topk_idx, topk_weights=p.topk_weights, routed_scaling_factor=1.0)
+    args.update(mutate(p))
+    before = _snapshot(buf)
+    with pytest.raises(error, match=match):
+        megamoe.pre_dispatch(args["x"], args["topk_idx"], args["topk_weights"], buf,
+                             routed_scaling_factor=args["routed_scaling_factor"])
+    assert torch.equal(_snapshot(buf), before)
+
+
+def test_unchecked_bad_ids_are_ignored_and_reported(setup):
+    p, buf, l1, l2 = setup
+    bad = p.topk_idx.clone()
+    bad[1, 0] = 99
+    megamoe.pre_dispatch(p.x, bad, p.topk_weights, buf, check_expert_ids=False)
+    y = torch.empty_like(p.x)
+    megamoe.mega_moe(y, l1, l2, buf)
+    masked = bad.masked_fill(bad == 99, -1)
+    ref = megamoe.reference.mega_moe_reference(p.x, masked, p.topk_weights, p.l1, p.l2)
+    assert relative_error(y, ref) <= LAYER_KERNEL_VS_REFERENCE
+    with pytest.raises(ValueError, match="1 expert id"):
+        buf.check_errors()
+    buf.check_errors()  # reported once
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda s: dict(y=torch.full((5, 96), 3.0, device=s[1].device)), TypeError, "y"),
+    (lambda s: dict(y=torch.full((5, 64), 3.0, dtype=torch.bfloat16, device=s[1].device)), ValueError, "y"),
+    (lambda s: dict(y=torch.full((9, 96), 3.0, dtype=torch.bfloat16, device=s[1].device)), ValueError, "capacity"),
+    (lambda s: dict(l1=s[3]), ValueError, "l1"),
+    (lambda s: dict(l1=s[0].l1), TypeError, "l1"),
+    (lambda s: dict(activation_clamp=-1.0), ValueError, "activation_clamp"),
+    (lambda s: dict(activation_clamp=float("inf")), ValueError, "activation_clamp"),
+    (lambda s: dict(recv_stats=torch.zeros(8, dtype=torch.int64, device=s[1].device)), TypeError, "recv_stats"),
+    (lambda s: dict(recv_stats=torch.zeros(7, dtype=torch.int32, device=s[1].device)), ValueError, "recv_stats"),
+])
+def test_mega_moe_rejects_before_writing(setup, mutate, error, match):
+    p, buf, l1, l2 = setup
+    args = dict(y=torch.full_like(p.x, 3.0), l1=l1, l2=l2, activation_clamp=None, recv_stats=None)
+    args.update(mutate((p, buf, l1, l2)))
+    before = _snapshot(buf)
+    y_before = args["y"].clone()
+    with pytest.raises(error, match=match):
+        megamoe.mega_moe(args["y"], args["l1"], args["l2"], buf, activation_clamp=args["activation_clamp"],
+                         recv_stats=args["recv_stats"])
+    assert torch.equal(_snapshot(buf), before)
+    assert torch.equal(args["y"], y_before)
+
+
+def test_destroyed_buffer_raises(setup):
+    p, buf, l1, l2 = setup
+    buf.destroy()
+    with pytest.raises(RuntimeError, match="destroyed"):
+        megamoe.pre_dispatch(p.x, p.topk_idx, p.topk_weights, buf)
+    with pytest.raises(RuntimeError, match="destroyed"):
+        megamoe.mega_moe(torch.empty_like(p.x), l1, l2, buf)
