@@ -30,10 +30,13 @@ class Case:
     intermediate_sf: str = "ue8m0"
     clamp: float | None = None
     scaling: float = 1.0
+    activation: str = "swiglu"
+    bias: bool = False
 
     def __str__(self):
         return (f"H{self.hidden}-I{self.inter}-E{self.experts}-K{self.topk}-T{self.tokens}-{self.routing}"
-                f"-m{self.masked}-{self.mode}-{self.intermediate_sf}-c{self.clamp}")
+                f"-m{self.masked}-{self.mode}-{self.intermediate_sf}-c{self.clamp}-{self.activation}"
+                f"{'-bias' if self.bias else ''}")
 
 
 CASES = [
@@ -46,6 +49,8 @@ CASES = [
     Case(96, 64, 8, 3, 13, 16, masked=0.2, mode="bf16xbf16"),
     Case(96, 64, 8, 3, 13, 16, masked=0.2, intermediate_sf="fp32"),
     Case(96, 64, 8, 3, 13, 16, clamp=0.05, scaling=2.5),
+    Case(96, 64, 8, 3, 13, 16, clamp=0.05, activation="gpt_oss", bias=True),     # gpt-oss's expert MLP
+    Case(96, 64, 8, 3, 13, 16, mode="bf16xbf16", activation="gpt_oss", bias=True),
     Case(2880, 64, 4, 2, 3, 4),                                  # gpt-oss hidden, not a multiple of 128
     Case(64, 2880, 4, 2, 3, 4),                                  # gpt-oss intermediate
 ]
@@ -58,19 +63,30 @@ def run_case(case: Case, device, seed: int = 0):
                      seed=seed).to(device)
     buf = megamoe.MegaMoEBuffer(case.experts, case.capacity, case.topk, case.hidden, case.inter, mode=case.mode,
                                 intermediate_sf=case.intermediate_sf, device=device)
-    l1, l2 = megamoe.transform_weights(p.l1, p.l2, mode=case.mode)
+    biases = make_biases(case, seed, device)
+    l1, l2 = megamoe.transform_weights(p.l1, p.l2, mode=case.mode, l1_bias=biases[0], l2_bias=biases[1])
     megamoe.pre_dispatch(p.x, p.topk_idx.int(), p.topk_weights, buf, routed_scaling_factor=case.scaling)
     stats = torch.randint(0, 100, (case.experts,), dtype=torch.int32, device=device)
     stats0 = stats.clone()
     y = torch.full_like(p.x, float("nan"))
-    megamoe.mega_moe(y, l1, l2, buf, activation_clamp=case.clamp, recv_stats=stats)
+    megamoe.mega_moe(y, l1, l2, buf, activation_clamp=case.clamp, recv_stats=stats, activation=case.activation)
     return p, buf, (l1, l2), y, stats - stats0
 
 
-def reference(case: Case, p):
+def make_biases(case: Case, seed: int, device):
+    if not case.bias:
+        return None, None
+    g = torch.Generator().manual_seed(seed + 100)
+    return (0.1 * torch.randn(case.experts, 2 * case.inter, generator=g)).bfloat16().to(device), \
+        (0.1 * torch.randn(case.experts, case.hidden, generator=g)).to(device)
+
+
+def reference(case: Case, p, seed: int = 0):
+    l1_bias, l2_bias = make_biases(case, seed, p.x.device)
     return megamoe.reference.mega_moe_reference(
         p.x, p.topk_idx, p.topk_weights, p.l1, p.l2, mode=case.mode, activation_clamp=case.clamp,
-        routed_scaling_factor=case.scaling, intermediate_sf=case.intermediate_sf, return_recv_counts=True)
+        routed_scaling_factor=case.scaling, intermediate_sf=case.intermediate_sf, return_recv_counts=True,
+        activation=case.activation, l1_bias=l1_bias, l2_bias=l2_bias)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

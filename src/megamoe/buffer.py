@@ -146,6 +146,13 @@ class MegaMoEBuffer:
             self._views[region.name] = raw.view(region.dtype).view(region.shape)
         self._views["meta"].zero_()
         self._views["topk_idx"].fill_(-1)
+        self.backend = self._make_backend()
+
+    def _make_backend(self):
+        # Imported here: the backends import the kernels, which import this module's constants.
+        from .comm.local import LocalBackend
+
+        return LocalBackend()
 
     def __getattr__(self, name):
         views = self.__dict__.get("_views")

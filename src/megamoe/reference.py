@@ -26,6 +26,41 @@ from . import formats
 
 MODES = ("fp8xfp4", "bf16xbf16")
 INTERMEDIATE_SF = ("ue8m0", "fp32")
+ACTIVATIONS = ("swiglu", "gpt_oss")
+GPT_OSS_ALPHA = 1.702
+"""gpt-oss's gate slope: act = gate * sigmoid(1.702 * gate) * (up + 1)."""
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+
+def apply_activation(gate: torch.Tensor, up: torch.Tensor, activation: str = "swiglu",
+                     clamp: float | None = None) -> torch.Tensor:
+    """The gated activation of the layer, in the dtype of its inputs.
+
+    clamp c: gate <= c and -c <= up <= c first (DeepSeek's and gpt-oss's "limit").
+    "swiglu":  SiLU(gate) * up
+    "gpt_oss": gate * sigmoid(1.702 * gate) * (up + 1)
+    """
+    if clamp is not None:
+        gate = gate.clamp(max=clamp)
+        up = up.clamp(-clamp, clamp)
+    if activation == "swiglu":
+        return F.silu(gate) * up
+    return gate * torch.sigmoid(GPT_OSS_ALPHA * gate) * (up + 1)
+
+
+def check_bias(name: str, bias, num_experts: int, n: int, device) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating-point tensor [E, {n}], got {getattr(bias, 'dtype', type(bias))}")
+    if tuple(bias.shape) != (num_experts, n):
+        raise ValueError(f"{name}: expected shape {(num_experts, n)}, got {tuple(bias.shape)}")
+    if bias.device != torch.device(device):
+        raise ValueError(f"{name}: expected device {device}, got {bias.device}")
 
 
 def check_mode(mode: str) -> None:
@@ -110,6 +145,9 @@ def mega_moe_reference(
     routed_scaling_factor: float = 1.0,
     intermediate_sf: str = "ue8m0",
     return_recv_counts: bool = False,
+    activation: str = "swiglu",
+    l1_bias: torch.Tensor | None = None,
+    l2_bias: torch.Tensor | None = None,
 ):
     """The MoE layer in float64 with the kernels' rounding steps.
 
@@ -121,12 +159,18 @@ def mega_moe_reference(
     l2_weights:   fp8xfp4: (uint8 [E, H, I/2], uint8 [E, H, I/32]); bf16xbf16: bfloat16 [E, H, I].
     activation_clamp: None, or c > 0: gate is clamped to <= c and up to [-c, c] before SwiGLU.
     intermediate_sf: "ue8m0" or "fp32" scales for the FP8 requant of the SwiGLU output.
+    activation:   "swiglu" or "gpt_oss" (see `apply_activation`).
+    l1_bias:      None or float [E, 2I] (gate then up), added to L1's FP32 output before the
+                  BF16 rounding.
+    l2_bias:      None or float [E, H], added to each slot's L2 output times that slot's routing
+                  weight (the weight is folded into the SwiGLU output, so the bias needs it too).
 
     Returns y: float64 [T, H] holding BF16-representable values; with `return_recv_counts`,
     also int32 [E]: how many (token, slot) rows each expert receives.
     """
     check_mode(mode)
     check_intermediate_sf(intermediate_sf)
+    check_activation(activation)
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x: expected a tensor of shape [T, H], got {getattr(x, 'shape', type(x))}")
     num_experts, two_inter, hidden = check_expert_weights(l1_weights, mode, "l1_weights")
@@ -138,6 +182,8 @@ def mega_moe_reference(
         raise ValueError(f"l2_weights: expected {[num_experts, hidden, inter]}, got {list(l2_shape)}")
     if activation_clamp is not None and not activation_clamp > 0:
         raise ValueError(f"activation_clamp: expected None or a positive number, got {activation_clamp}")
+    check_bias("l1_bias", l1_bias, num_experts, two_inter, x.device)
+    check_bias("l2_bias", l2_bias, num_experts, hidden, x.device)
     _check_routing(x, topk_idx, topk_weights, num_experts)
 
     tokens, num_topk = topk_idx.shape
@@ -153,17 +199,21 @@ def mega_moe_reference(
     for expert in torch.unique(idx[idx >= 0]).tolist():
         token, slot = (idx == expert).nonzero(as_tuple=True)
         counts[expert] = token.numel()
-        h = _round_bf16(x64[token] @ expert_matrix(l1_weights, mode, expert).T)
-        gate, up = h[:, :inter], h[:, inter:]
-        if activation_clamp is not None:
-            gate = gate.clamp(max=activation_clamp)
-            up = up.clamp(-activation_clamp, activation_clamp)
-        a = (F.silu(gate) * up * weights[token, slot].double().unsqueeze(1)).float()
+        h = x64[token] @ expert_matrix(l1_weights, mode, expert).T
+        if l1_bias is not None:
+            h = h + l1_bias[expert].float().double()
+        h = _round_bf16(h)
+        route = weights[token, slot].unsqueeze(1)
+        act = apply_activation(h[:, :inter], h[:, inter:], activation, activation_clamp)
+        a = (act * route.double()).float()
         if mode == "fp8xfp4":
             a = requantize_intermediate(a, intermediate_sf)
         else:
             a = _round_bf16(a)
-        out = _round_bf16(a.double() @ expert_matrix(l2_weights, mode, expert).T)
+        out = a.double() @ expert_matrix(l2_weights, mode, expert).T
+        if l2_bias is not None:
+            out = out + (route * l2_bias[expert].float()).double()
+        out = _round_bf16(out)
         y.index_add_(0, token, out)
     y = _round_bf16(y)
     return (y, counts) if return_recv_counts else y

@@ -17,12 +17,12 @@ bf16xbf16: w is the user tensor (contiguous), w_sf is None.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .formats import SCALE_GROUP, UE8M0_PAD, check_mxfp4, e2m1_lut, ue8m0_to_float
-from .reference import check_mode
+from .reference import check_bias, check_mode
 
 CHUNK = 64
 """K elements per packed chunk: two scale groups, one in each nibble."""
@@ -38,6 +38,7 @@ class ExpertWeights:
     num_experts: int
     n: int
     k: int
+    bias: torch.Tensor | None = None   # float32 [E_l, N], added to the FP32 output
 
     @property
     def device(self) -> torch.device:
@@ -93,15 +94,23 @@ def _transform_one(weights, mode: str, name: str) -> ExpertWeights:
     return ExpertWeights(mode, weights.contiguous(), None, e, n, k)
 
 
-def transform_weights(l1_weights, l2_weights, mode: str = "fp8xfp4") -> tuple[ExpertWeights, ExpertWeights]:
+def transform_weights(l1_weights, l2_weights, mode: str = "fp8xfp4", *, l1_bias: torch.Tensor | None = None,
+                      l2_bias: torch.Tensor | None = None) -> tuple[ExpertWeights, ExpertWeights]:
     """User-layout L1 / L2 expert weights (module docstring) -> (l1, l2) for `mega_moe`.
 
     L1 is [E_l, 2I, H] (gate rows 0..I-1, up rows I..2I-1), L2 is [E_l, H, I], in the packed
-    forms of `mode`. Raises TypeError / ValueError naming the tensor on any mismatch.
+    forms of `mode`. l1_bias [E_l, 2I] and l2_bias [E_l, H] are optional (any float dtype,
+    kept as float32). Raises TypeError / ValueError naming the tensor on any mismatch.
     """
     check_mode(mode)
     l1 = _transform_one(l1_weights, mode, "l1_weights")
     l2 = _transform_one(l2_weights, mode, "l2_weights")
+    check_bias("l1_bias", l1_bias, l1.num_experts, l1.n, l1.device)
+    check_bias("l2_bias", l2_bias, l2.num_experts, l2.n, l2.device)
+    if l1_bias is not None:
+        l1 = replace(l1, bias=l1_bias.float().contiguous())
+    if l2_bias is not None:
+        l2 = replace(l2, bias=l2_bias.float().contiguous())
     if l1.n % 2:
         raise ValueError(f"l1_weights: expected 2I rows (gate then up), got {l1.n}")
     inter = l1.n // 2

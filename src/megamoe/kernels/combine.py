@@ -6,10 +6,12 @@ token with no valid slot gets exact zeros and a NaN in one token's rows stays in
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from .common import round_to_bf16
+from .launch import use_triton
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -25,3 +27,29 @@ def _combine_kernel(rows_ptr, topk_idx_ptr, y_ptr, num_tokens, hidden, num_exper
             row = tl.load(rows_ptr + (token * NUM_TOPK + k) * hidden + cols, mask=col_mask, other=0.0)
             acc += row.to(tl.float32)
     tl.store(y_ptr + token * stride_y_t + cols, round_to_bf16(acc).to(tl.bfloat16), mask=col_mask)
+
+
+COMBINE_BLOCK_H = 1024
+
+
+def combine(rows: torch.Tensor, topk_idx: torch.Tensor, y: torch.Tensor, num_experts: int) -> None:
+    """y[t] = sum over valid slots k of rows[t * K + k], FP32 sum, BF16 out.
+
+    rows: bfloat16 [>= T * K, H]; topk_idx: int32 [>= T, K]; y: bfloat16 [T, H] (unit stride along H).
+    """
+    tokens, hidden = y.shape
+    num_topk = topk_idx.shape[1]
+    if not use_triton(y.device):
+        idx = topk_idx[:tokens].long()
+        valid = ((idx >= 0) & (idx < num_experts)).unsqueeze(-1)
+        slots = rows[: tokens * num_topk].view(tokens, num_topk, hidden).float()
+        total = torch.zeros(tokens, hidden, dtype=torch.float32, device=y.device)
+        for k in range(num_topk):  # slot order, like the kernel
+            total += torch.where(valid[:, k], slots[:, k], 0.0)
+        y.copy_(total.to(torch.bfloat16))
+        return
+    block_h = min(COMBINE_BLOCK_H, triton.next_power_of_2(hidden))
+    _combine_kernel[(tokens, triton.cdiv(hidden, block_h))](
+        rows, topk_idx, y, tokens, hidden, num_experts, y.stride(0),
+        NUM_TOPK=num_topk, BLOCK_H=block_h, num_warps=4,
+    )

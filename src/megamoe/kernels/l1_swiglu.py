@@ -4,9 +4,9 @@ One program computes BLOCK_N intermediate columns of BLOCK_M rows of one expert.
 tile stacks BLOCK_N gate rows over the BLOCK_N matching up rows, so gate and up of a column
 come out of one accumulator [2 * BLOCK_N, BLOCK_M]. The epilogue, all in registers:
 
-    gate, up = BF16-round(acc)             (the precision contract rounds L1's output to BF16)
+    gate, up = BF16-round(acc + bias)      (the precision contract rounds L1's output to BF16)
     gate <= c, -c <= up <= c                (optional activation clamp)
-    a = SiLU(gate) * up * routing weight    FP32
+    a = SiLU(gate) * up * routing weight    FP32 (gpt-oss: gate * sigmoid(1.702 gate) * (up + 1))
     a -> FP8 with one scale per 32 columns  (UE8M0 or FP32 scales), or BF16 in bf16xbf16 mode
 
 and writes `inter` rows in expert-sorted order for L2. Nothing of width 2I touches memory.
@@ -25,11 +25,12 @@ from .expert_mma import bf16_rows_dot, mxfp4_rows_dot
 def _l1_swiglu_kernel(
     a_ptr, a_sf_ptr, stride_a_m, stride_asf_m,         # activations [*, H] and their scales
     topk_weights_ptr, sorted_rows_ptr, expert_offsets_ptr,
-    w_ptr, w_sf_ptr, stride_w_e, stride_w_n, stride_wsf_e, stride_wsf_g,
+    w_ptr, w_sf_ptr, stride_w_e, stride_w_n, stride_wsf_e, stride_wsf_g, bias_ptr,
     inter_ptr, inter_sf_ptr,
     hidden, inter, num_local_experts, num_topk, num_cols_tiles,
     clamp,
     QUANTIZED: tl.constexpr, HAS_CLAMP: tl.constexpr, INTER_SF_FP32: tl.constexpr, A_BY_TOKEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GPT_OSS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -59,6 +60,8 @@ def _l1_swiglu_kernel(
             acc = bf16_rows_dot(acc, w_ptr + expert64 * stride_w_e, w_rows, w_mask, stride_w_n, a_ptr, a_rows,
                                 row_mask, stride_a_m, hidden, BLOCK_K=BLOCK_K, UPCAST=UPCAST)
 
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + expert64 * 2 * inter + w_rows, mask=w_mask, other=0.0)[:, None]
         gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N, BLOCK_M)), (1, 2, 0)))
         gate = round_to_bf16(gate)
         up = round_to_bf16(up)
@@ -66,7 +69,11 @@ def _l1_swiglu_kernel(
             gate = tl.minimum(gate, clamp)
             up = tl.minimum(tl.maximum(up, -clamp), clamp)
         route_w = tl.load(topk_weights_ptr + src, mask=row_mask, other=0.0)
-        act = gate / (1.0 + tl.exp(-gate)) * up * route_w[None, :]
+        if GPT_OSS:
+            act = gate / (1.0 + tl.exp(-1.702 * gate)) * (up + 1.0)
+        else:
+            act = gate / (1.0 + tl.exp(-gate)) * up
+        act = act * route_w[None, :]
 
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         out_mask = (cols < inter)[:, None] & row_mask[None, :]

@@ -1,7 +1,7 @@
 """L2: grouped GEMM of the SwiGLU rows with the down-projection weights -> BF16 rows.
 
-One program computes BLOCK_N hidden columns of BLOCK_M rows of one expert and writes each
-row, rounded to BF16, to the combine slot of the (token, slot) it came from, so no separate
+One program computes BLOCK_N hidden columns of BLOCK_M rows of one expert (plus the expert's
+bias times the row's routing weight, when there is a bias) and writes each row, rounded to BF16, to the combine slot of the (token, slot) it came from, so no separate
 un-permute pass is needed: the combine reads a dense [tokens * K, H] table.
 """
 
@@ -16,10 +16,10 @@ from .expert_mma import bf16_rows_dot, mxfp4_rows_dot
 
 @triton.jit
 def _l2_kernel(
-    inter_ptr, inter_sf_ptr, sorted_rows_ptr, expert_offsets_ptr,
-    w_ptr, w_sf_ptr, stride_w_e, stride_w_n, stride_wsf_e, stride_wsf_g,
+    inter_ptr, inter_sf_ptr, sorted_rows_ptr, expert_offsets_ptr, topk_weights_ptr,
+    w_ptr, w_sf_ptr, stride_w_e, stride_w_n, stride_wsf_e, stride_wsf_g, bias_ptr,
     out_ptr, hidden, inter, num_local_experts, num_cols_tiles,
-    QUANTIZED: tl.constexpr, INTER_SF_FP32: tl.constexpr,
+    QUANTIZED: tl.constexpr, INTER_SF_FP32: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -43,5 +43,10 @@ def _l2_kernel(
             acc = bf16_rows_dot(acc, w_ptr + expert64 * stride_w_e, cols, col_mask, stride_w_n, inter_ptr, a_rows,
                                 row_mask, inter, inter, BLOCK_K=BLOCK_K, UPCAST=UPCAST)
         dst = tl.load(sorted_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        if HAS_BIAS:
+            # The routing weight was folded into L2's input, so the bias gets it here.
+            route_w = tl.load(topk_weights_ptr + dst, mask=row_mask, other=0.0)
+            bias = tl.load(bias_ptr + expert64 * hidden + cols, mask=col_mask, other=0.0)
+            acc += bias[:, None] * route_w[None, :]
         out_ptrs = out_ptr + dst[None, :] * hidden + cols[:, None]
         tl.store(out_ptrs, round_to_bf16(acc).to(tl.bfloat16), mask=col_mask[:, None] & row_mask[None, :])

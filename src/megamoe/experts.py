@@ -1,0 +1,138 @@
+"""The expert side of a MegaMoE call, shared by every communication backend.
+
+`run_experts` takes a routing table of `num_entries` entries (expert ids, -1 = none), the
+activation rows the entries read (entry i reads row i // entries_per_row), and writes one
+BF16 output row per entry (entry i writes row i of `out`). In between, on the device with no
+host sync: plan (rows per local expert, expert-sorted order), L1 grouped GEMM + activation +
+requant, L2 grouped GEMM (+ bias). At EP = 1 the entries are (token, slot) pairs of the
+buffer's own tokens; the NCCL backend passes the rows it received (one entry per row).
+
+`run_experts_torch` is the same computation in plain torch (CPU tensors without the Triton
+interpreter), with the kernels' rounding steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import env
+from .formats import dequantize_fp8
+from .kernels.config import pick_config
+from .kernels.l1_swiglu import _l1_swiglu_kernel
+from .kernels.l2 import _l2_kernel
+from .kernels.plan import plan
+from .reference import apply_activation, requantize_intermediate
+from .weights import ExpertWeights
+
+
+@dataclass(frozen=True)
+class ExpertOptions:
+    activation: str = "swiglu"            # "swiglu" or "gpt_oss"
+    activation_clamp: float | None = None
+
+
+def _num_tiles_bound(num_rows: int, num_experts: int, block_m: int) -> int:
+    """Most row tiles `num_rows` rows can need when each expert's rows are tiled separately."""
+    return triton.cdiv(num_rows, block_m) + min(num_experts, num_rows)
+
+
+def run_experts(buf, routing: torch.Tensor, num_entries: int, entries_per_row: int, a: torch.Tensor,
+                a_sf: torch.Tensor | None, route_weights: torch.Tensor, out: torch.Tensor, l1: ExpertWeights,
+                l2: ExpertWeights, opts: ExpertOptions, recv_stats: torch.Tensor | None) -> None:
+    """Launch plan, L1 and L2 for `num_entries` entries (see the module docstring).
+
+    routing:       int32 [>= num_entries] global expert ids; ids of other ranks are skipped.
+    a:             [rows, H] float8_e4m3fn (bfloat16 in bf16xbf16 mode) activation rows.
+    a_sf:          uint8 [rows, >= ceil(H/32)] UE8M0 exponent bytes of `a` (fp8 modes).
+    route_weights: float32 [>= num_entries] routing weight of each entry.
+    out:           bfloat16 [>= num_entries, H]; rows of skipped entries are not written.
+    """
+    hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
+    quantized = buf.mode == "fp8xfp4"
+    plan(routing, num_entries, buf, recv_stats)
+
+    block_e = triton.next_power_of_2(experts)
+    a_sf = a_sf if quantized else a
+    inter_sf = buf.inter_sf if quantized else buf.inter
+    upcast = env.triton_interpret()
+    # bf16xbf16 has no weight scales and a layer may have no bias: the kernels never read
+    # these placeholder pointers then.
+    placeholder = l1.w
+
+    cfg = pick_config("l1", num_entries, experts)
+    col_tiles = triton.cdiv(inter, cfg.block_n)
+    grid = (_num_tiles_bound(num_entries, experts, cfg.block_m) * col_tiles,)
+    w_sf = l1.w_sf if quantized else placeholder
+    _l1_swiglu_kernel[grid](
+        a, a_sf, a.stride(0), a_sf.stride(0),
+        route_weights, buf.sorted_rows, buf.expert_offsets,
+        l1.w, w_sf, l1.w.stride(0), l1.w.stride(1), w_sf.stride(0), w_sf.stride(1),
+        l1.bias if l1.bias is not None else placeholder,
+        buf.inter, inter_sf,
+        hidden, inter, experts, entries_per_row, col_tiles,
+        float(opts.activation_clamp) if opts.activation_clamp is not None else 0.0,
+        QUANTIZED=quantized, HAS_CLAMP=opts.activation_clamp is not None,
+        INTER_SF_FP32=buf.intermediate_sf == "fp32", A_BY_TOKEN=True,
+        HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss",
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=block_e, BLOCK_K=cfg.block_k, UPCAST=upcast,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+    cfg = pick_config("l2", num_entries, experts)
+    col_tiles = triton.cdiv(hidden, cfg.block_n)
+    grid = (_num_tiles_bound(num_entries, experts, cfg.block_m) * col_tiles,)
+    w_sf = l2.w_sf if quantized else placeholder
+    _l2_kernel[grid](
+        buf.inter, inter_sf, buf.sorted_rows, buf.expert_offsets, route_weights,
+        l2.w, w_sf, l2.w.stride(0), l2.w.stride(1), w_sf.stride(0), w_sf.stride(1),
+        l2.bias if l2.bias is not None else placeholder,
+        out, hidden, inter, experts, col_tiles,
+        QUANTIZED=quantized, INTER_SF_FP32=buf.intermediate_sf == "fp32", HAS_BIAS=l2.bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=block_e, BLOCK_K=cfg.block_k, UPCAST=upcast,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _round_bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+def run_experts_torch(buf, routing, num_entries, entries_per_row, a, a_sf, route_weights, out, l1, l2,
+                      opts: ExpertOptions, recv_stats) -> None:
+    """`run_experts` in plain torch with FP32 arithmetic and the kernels' rounding steps."""
+    inter = buf.intermediate
+    first = buf.rank * buf.num_local_experts
+    ids = routing[:num_entries].long()
+    rows = num_entries // entries_per_row
+    if buf.mode == "fp8xfp4":
+        groups = buf.hidden // 32
+        words = -(-groups // 4)
+        sf_words = a_sf[:rows, : 4 * words].contiguous().view(torch.int32)
+        x = dequantize_fp8(a[:rows], sf_words)
+    else:
+        x = a[:rows].float()
+    counts = torch.zeros(buf.num_local_experts, dtype=torch.int32, device=out.device)
+    for expert in range(buf.num_local_experts):
+        entry = (ids == first + expert).nonzero().flatten()
+        counts[expert] = entry.numel()
+        if entry.numel() == 0:
+            continue
+        h = x[entry // entries_per_row] @ l1.dequantize(expert).T
+        if l1.bias is not None:
+            h = h + l1.bias[expert]
+        h = _round_bf16(h)
+        route = route_weights[entry].float().unsqueeze(1)
+        act = apply_activation(h[:, :inter], h[:, inter:], opts.activation, opts.activation_clamp) * route
+        if buf.mode == "fp8xfp4":
+            act = requantize_intermediate(act, buf.intermediate_sf)
+        else:
+            act = _round_bf16(act)
+        o = act @ l2.dequantize(expert).T
+        if l2.bias is not None:
+            o = o + route * l2.bias[expert]
+        out[entry] = o.to(torch.bfloat16)
+    if recv_stats is not None:
+        recv_stats += counts

@@ -1,0 +1,97 @@
+"""Compile the fused kernels for sm_90a on a machine without a GPU and report registers,
+spills, shared memory and which MMA instructions the SASS uses.
+
+    python tools/inspect_kernels.py [--sass DIR]
+
+Triton's wheel carries ptxas and nvdisasm, so this needs no CUDA device: the resource
+report and the disassembly answer most performance questions before any GPU time is spent.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from megamoe.kernels.l1_swiglu import _l1_swiglu_kernel
+from megamoe.kernels.l2 import _l2_kernel
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _signature(fn, types, constexprs):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = types.get(name, "i32")
+    return sig
+
+
+def compile_kernel(fn, types, constexprs, num_warps, num_stages):
+    sig = _signature(fn, types, constexprs)
+    # As at a real launch, where Triton specialises pointers and integers divisible by 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if sig[name] != "constexpr" and sig[name] != "fp32" and name not in NOT_DIVISIBLE}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+NOT_DIVISIBLE = {"num_local_experts", "num_topk", "num_cols_tiles"}
+L1_TYPES = dict(a_ptr="*fp8e4nv", a_sf_ptr="*u8", topk_weights_ptr="*fp32", sorted_rows_ptr="*i32",
+                expert_offsets_ptr="*i32", w_ptr="*u8", w_sf_ptr="*u8", inter_ptr="*fp8e4nv", inter_sf_ptr="*u8",
+                clamp="fp32")
+L2_TYPES = dict(inter_ptr="*fp8e4nv", inter_sf_ptr="*u8", sorted_rows_ptr="*i32", expert_offsets_ptr="*i32",
+                w_ptr="*u8", w_sf_ptr="*u8", out_ptr="*bf16")
+
+
+def variants():
+    for block_m, warps, stages in ((16, 4, 4), (128, 8, 3)):
+        yield ("l1", block_m), _l1_swiglu_kernel, L1_TYPES, dict(
+            QUANTIZED=True, HAS_CLAMP=False, INTER_SF_FP32=False, A_BY_TOKEN=True, BLOCK_M=block_m, BLOCK_N=64,
+            BLOCK_E=256, BLOCK_K=64, UPCAST=False), warps, stages
+        yield ("l2", block_m), _l2_kernel, L2_TYPES, dict(
+            QUANTIZED=True, INTER_SF_FP32=False, BLOCK_M=block_m, BLOCK_N=128, BLOCK_E=256, BLOCK_K=64,
+            UPCAST=False), warps, stages
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sass", help="write each kernel's PTX and SASS into this folder")
+    args = parser.parse_args()
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    nvdisasm, cuobjdump = os.path.join(bin_dir, "nvdisasm"), os.path.join(bin_dir, "cuobjdump")
+    for (name, block_m), fn, types, constexprs, warps, stages in variants():
+        k = compile_kernel(fn, types, constexprs, warps, stages)
+        ptx = k.asm["ptx"]
+        cubin = k.asm["cubin"]
+        tag = f"{name}_m{block_m}"
+        sass = ""
+        if args.sass:
+            os.makedirs(args.sass, exist_ok=True)
+            with open(os.path.join(args.sass, tag + ".ptx"), "w") as f:
+                f.write(ptx)
+            path = os.path.join(args.sass, tag + ".cubin")
+            with open(path, "wb") as f:
+                f.write(cubin)
+            sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True).stdout
+            with open(os.path.join(args.sass, tag + ".sass"), "w") as f:
+                f.write(sass)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+        ops = {op: len(re.findall(op, ptx)) for op in ("wgmma.mma_async", "cp.async.cg", "cp.async.ca", "ld.global",
+                                                        "ld.shared", "st.shared")}
+        print(f"{tag:<10} regs={res[1]:<4} stack={res[2]:<4} local={res[4]:<5} smem={k.metadata.shared:<7} "
+              + " ".join(f"{op}={n}" for op, n in ops.items()))
+
+
+if __name__ == "__main__":
+    main()
