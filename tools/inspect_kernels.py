@@ -17,6 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from megamoe.kernels.config import pick_config
 from megamoe.kernels.l1_swiglu import _l1_swiglu_kernel
 from megamoe.kernels.l2 import _l2_kernel
 
@@ -45,19 +46,23 @@ def compile_kernel(fn, types, constexprs, num_warps, num_stages):
 NOT_DIVISIBLE = {"num_local_experts", "num_topk", "num_cols_tiles"}
 L1_TYPES = dict(a_ptr="*fp8e4nv", a_sf_ptr="*u8", topk_weights_ptr="*fp32", sorted_rows_ptr="*i32",
                 expert_offsets_ptr="*i32", w_ptr="*u8", w_sf_ptr="*u8", inter_ptr="*fp8e4nv", inter_sf_ptr="*u8",
-                clamp="fp32")
+                clamp="fp32", bias_ptr="*fp32")
 L2_TYPES = dict(inter_ptr="*fp8e4nv", inter_sf_ptr="*u8", sorted_rows_ptr="*i32", expert_offsets_ptr="*i32",
-                w_ptr="*u8", w_sf_ptr="*u8", out_ptr="*bf16")
+                w_ptr="*u8", w_sf_ptr="*u8", out_ptr="*bf16", topk_weights_ptr="*fp32", bias_ptr="*fp32")
 
 
 def variants():
-    for block_m, warps, stages in ((16, 4, 4), (128, 8, 3)):
-        yield ("l1", block_m), _l1_swiglu_kernel, L1_TYPES, dict(
-            QUANTIZED=True, HAS_CLAMP=False, INTER_SF_FP32=False, A_BY_TOKEN=True, BLOCK_M=block_m, BLOCK_N=64,
-            BLOCK_E=256, BLOCK_K=64, UPCAST=False), warps, stages
-        yield ("l2", block_m), _l2_kernel, L2_TYPES, dict(
-            QUANTIZED=True, INTER_SF_FP32=False, BLOCK_M=block_m, BLOCK_N=128, BLOCK_E=256, BLOCK_K=64,
-            UPCAST=False), warps, stages
+    """The heuristic's configs for a v4-flash-like shape, decode and prefill."""
+    for rows_per_expert in (1, 200):
+        cfg = pick_config("l1", rows_per_expert * 256, 256)
+        yield ("l1", cfg), _l1_swiglu_kernel, L1_TYPES, dict(
+            QUANTIZED=True, HAS_CLAMP=False, INTER_SF_FP32=False, A_BY_TOKEN=True, HAS_BIAS=False, GPT_OSS=False,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False,
+            KSTEP=cfg.kstep)
+        cfg = pick_config("l2", rows_per_expert * 256, 256)
+        yield ("l2", cfg), _l2_kernel, L2_TYPES, dict(
+            QUANTIZED=True, INTER_SF_FP32=False, HAS_BIAS=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False, KSTEP=cfg.kstep)
 
 
 def main():
@@ -66,8 +71,9 @@ def main():
     args = parser.parse_args()
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     nvdisasm, cuobjdump = os.path.join(bin_dir, "nvdisasm"), os.path.join(bin_dir, "cuobjdump")
-    for (name, block_m), fn, types, constexprs, warps, stages in variants():
-        k = compile_kernel(fn, types, constexprs, warps, stages)
+    for (name, cfg), fn, types, constexprs in variants():
+        block_m = cfg.block_m
+        k = compile_kernel(fn, types, constexprs, cfg.num_warps, cfg.num_stages)
         ptx = k.asm["ptx"]
         cubin = k.asm["cubin"]
         tag = f"{name}_m{block_m}"

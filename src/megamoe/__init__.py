@@ -5,18 +5,23 @@
     l1, l2 = megamoe.transform_weights(l1_weights, l2_weights)
     megamoe.pre_dispatch(x, topk_idx, topk_weights, buf)
     megamoe.mega_moe(y, l1, l2, buf)
+
+    layer = megamoe.MegaMoELayer(router, l1_weights, l2_weights)   # nn.Module: router + experts
+    megamoe.patch_model(hf_model)                                   # swap a transformers model's MoE blocks
 """
 
 from . import reference
 from .buffer import MegaMoEBuffer, buffer_layout
 from .formats import dequantize_fp8, dequantize_mxfp4, quantize_fp8, quantize_mxfp4
 from .kernels.pre_dispatch import pre_dispatch
+from .layer import MegaMoELayer
 from .moe import mega_moe
+from .patch import patch_model
 from .weights import ExpertWeights, transform_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ExpertWeights", "MegaMoEBuffer", "buffer_layout", "dequantize_fp8", "dequantize_mxfp4", "mega_moe",
-    "pre_dispatch", "quantize_fp8", "quantize_mxfp4", "reference", "transform_weights",
+    "ExpertWeights", "MegaMoEBuffer", "MegaMoELayer", "buffer_layout", "dequantize_fp8", "dequantize_mxfp4",
+    "mega_moe", "patch_model", "pre_dispatch", "quantize_fp8", "quantize_mxfp4", "reference", "transform_weights",
 ]

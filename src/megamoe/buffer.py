@@ -17,8 +17,25 @@ Receive side (rows this rank's experts process), R = number of ranks, E_l = loca
     inter         [N_recv, I]     float8_e4m3fn (bfloat16 in bf16xbf16 mode): SwiGLU output
     inter_sf      [N_recv, ceil(I/32)] uint8 exponents, or float32 scales (intermediate_sf="fp32")
 
-N_recv = R * C * min(K, E_l): the most rows this rank can receive. All regions start on a
-256-byte boundary.
+N_recv = R * C * min(K, E_l): the most rows this rank can receive when a token's K slots name
+distinct experts.
+
+NCCL backend staging (only in buffers whose backend is "nccl", i.e. R > 1 for now; the EP = 1
+layout has none of it). D = `DispatchRecord.nbytes`, the bytes of one dispatched row:
+    send_counts   [R]             int64 rows this rank sends to each rank in this call
+    count_matrix  [R, R]          int64 all-gathered send_counts: [i, j] = rows rank i sends to rank j
+    send_entries  [C * K]         int64 source entry (token * K + slot) of each row in send order
+                                  (rows grouped by destination rank, (token, slot) order within a
+                                  rank; entries with no valid expert sort last and are never sent)
+    send_rows     [C * K, max(D, 2H)] uint8: first the dispatch records [n_send, D] in send order;
+                                  after the dispatch has completed, the returned BF16 rows
+                                  [n_send, H] in the same order (the same bytes, reused)
+    recv_rows     [N_recv, D]     uint8 dispatch records received, grouped by source rank
+    recv_expert   [N_recv]        int32 global expert id of each received row
+    recv_weights  [N_recv]        float32 routing weight of each received row
+    recv_out      [N_recv, H]     bfloat16 expert output of each received row (L2), sent back
+
+All regions start on a 256-byte boundary.
 """
 
 from __future__ import annotations

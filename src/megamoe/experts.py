@@ -50,18 +50,27 @@ def run_experts(buf, routing: torch.Tensor, num_entries: int, entries_per_row: i
     route_weights: float32 [>= num_entries] routing weight of each entry.
     out:           bfloat16 [>= num_entries, H]; rows of skipped entries are not written.
     """
+    plan(routing, num_entries, buf, recv_stats)
+    launch_l1(buf, num_entries, entries_per_row, a, a_sf, route_weights, l1, opts)
+    launch_l2(buf, num_entries, route_weights, out, l2)
+
+
+# In Triton's interpreter bf16 tiles are multiplied in fp32 (its bf16 dot is broken) and MXFP4
+# is decoded without inline PTX; the kernels' UPCAST flag carries both choices.
+def _upcast() -> bool:
+    return env.triton_interpret()
+
+
+def launch_l1(buf, num_entries, entries_per_row, a, a_sf, route_weights, l1: ExpertWeights,
+              opts: ExpertOptions) -> None:
+    """L1 + activation + requant of the planned rows into buf.inter / buf.inter_sf."""
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
-    plan(routing, num_entries, buf, recv_stats)
-
-    block_e = triton.next_power_of_2(experts)
     a_sf = a_sf if quantized else a
     inter_sf = buf.inter_sf if quantized else buf.inter
-    upcast = env.triton_interpret()
-    # bf16xbf16 has no weight scales and a layer may have no bias: the kernels never read
+    # bf16xbf16 has no weight scales and a layer may have no bias: the kernel never reads
     # these placeholder pointers then.
     placeholder = l1.w
-
     cfg = pick_config("l1", num_entries, experts)
     col_tiles = triton.cdiv(inter, cfg.block_n)
     grid = (_num_tiles_bound(num_entries, experts, cfg.block_m) * col_tiles,)
@@ -77,10 +86,18 @@ def run_experts(buf, routing: torch.Tensor, num_entries: int, entries_per_row: i
         QUANTIZED=quantized, HAS_CLAMP=opts.activation_clamp is not None,
         INTER_SF_FP32=buf.intermediate_sf == "fp32", A_BY_TOKEN=True,
         HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss",
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=block_e, BLOCK_K=cfg.block_k, UPCAST=upcast,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
+        UPCAST=_upcast(), KSTEP=cfg.kstep,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
+
+def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights) -> None:
+    """L2 (+ bias) of the planned rows from buf.inter into `out`, one BF16 row per entry."""
+    hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
+    quantized = buf.mode == "fp8xfp4"
+    inter_sf = buf.inter_sf if quantized else buf.inter
+    placeholder = l2.w
     cfg = pick_config("l2", num_entries, experts)
     col_tiles = triton.cdiv(hidden, cfg.block_n)
     grid = (_num_tiles_bound(num_entries, experts, cfg.block_m) * col_tiles,)
@@ -91,7 +108,8 @@ def run_experts(buf, routing: torch.Tensor, num_entries: int, entries_per_row: i
         l2.bias if l2.bias is not None else placeholder,
         out, hidden, inter, experts, col_tiles,
         QUANTIZED=quantized, INTER_SF_FP32=buf.intermediate_sf == "fp32", HAS_BIAS=l2.bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=block_e, BLOCK_K=cfg.block_k, UPCAST=upcast,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
+        UPCAST=_upcast(), KSTEP=cfg.kstep,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

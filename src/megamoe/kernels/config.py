@@ -19,12 +19,15 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     block_k: int = 64  # bf16xbf16 only; the fp8xfp4 loop steps one 64-wide packed chunk
+    kstep: int = 4     # fp8xfp4: 64-wide chunks unrolled per loop iteration
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"GemmConfig.{name}: expected a power of two >= 16, got {value}")
+        if self.kstep < 1:
+            raise ValueError(f"GemmConfig.kstep: expected >= 1, got {self.kstep}")
 
 
 _forced: dict[str, GemmConfig] = {}
@@ -59,4 +62,7 @@ def pick_config(which: str, num_rows: int, num_local_experts: int) -> GemmConfig
     else:
         block_m, warps, stages = 128, 8, 3
     block_n = 64 if which == "l1" else 128
-    return GemmConfig(block_m, block_n, warps, stages)
+    # Unrolling K chunks keeps more weight bytes in flight for the memory-bound decode tiles;
+    # the 128-row tiles are register-bound and do not afford it.
+    kstep = 4 if block_m <= 32 else 1
+    return GemmConfig(block_m, block_n, warps, stages, kstep=kstep)

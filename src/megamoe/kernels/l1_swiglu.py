@@ -32,7 +32,7 @@ def _l1_swiglu_kernel(
     QUANTIZED: tl.constexpr, HAS_CLAMP: tl.constexpr, INTER_SF_FP32: tl.constexpr, A_BY_TOKEN: tl.constexpr,
     HAS_BIAS: tl.constexpr, GPT_OSS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, KSTEP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile_m = pid // num_cols_tiles
@@ -55,7 +55,7 @@ def _l1_swiglu_kernel(
         if QUANTIZED:
             acc = mxfp4_rows_dot(acc, w_ptr + expert64 * stride_w_e, w_sf_ptr + expert64 * stride_wsf_e, w_rows,
                                  w_mask, stride_w_n, stride_wsf_g, a_ptr, a_rows, row_mask, stride_a_m,
-                                 a_sf_ptr, stride_asf_m, hidden, A_SF_FP32=False)
+                                 a_sf_ptr, stride_asf_m, hidden, A_SF_FP32=False, KSTEP=KSTEP, PTX_DECODE=not UPCAST)
         else:
             acc = bf16_rows_dot(acc, w_ptr + expert64 * stride_w_e, w_rows, w_mask, stride_w_n, a_ptr, a_rows,
                                 row_mask, stride_a_m, hidden, BLOCK_K=BLOCK_K, UPCAST=UPCAST)
