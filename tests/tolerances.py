@@ -25,3 +25,21 @@ each about 2.7% RMS relative; measured about 4.7e-2."""
 FP8_REFERENCE_VS_UNQUANTIZED = 0.3
 """fp8xfp4 reference against the float64 MoE with the original BF16 weights: adds the MXFP4
 weight error (e2m1 keeps one mantissa bit: about 12% RMS per matrix); measured about 0.2."""
+
+ROUTER_WEIGHTS = 1e-6
+"""Routing weights against float64: an FP32 softmax / sigmoid and one division, a few FP32 ulps
+(1.2e-7 each) apart; the experts chosen are compared exactly."""
+
+HF_ROUTER_WEIGHTS = 2.0**-8
+"""Our routing weights against transformers': Qwen3-MoE's router and gpt-oss's softmax round
+them to BF16 (relative step 2^-8 at most); ours stay FP32. The experts chosen are compared exactly."""
+
+TORCH_BF16_ERROR_FACTOR = 2.0
+"""bf16xbf16 patched block against a float64 MoE on the same routing: at most twice the error of
+transformers' own BF16 block (flash-attention's rule for a fused kernel at the same precision)."""
+
+MODEL_LOGITS_BF16 = 1e-2
+"""PLACEHOLDER"""
+
+MODEL_LOGITS_FP8 = 5e-2
+"""PLACEHOLDER"""

@@ -52,17 +52,17 @@ L2_TYPES = dict(inter_ptr="*fp8e4nv", inter_sf_ptr="*u8", sorted_rows_ptr="*i32"
 
 
 def variants():
-    """The heuristic's configs for a v4-flash-like shape, decode and prefill."""
-    for rows_per_expert in (1, 200):
+    """The heuristic's configs for a v4-flash-like shape, decode and prefill, both main loops."""
+    for rows_per_expert, mx in ((1, True), (200, True), (1, False)):
         cfg = pick_config("l1", rows_per_expert * 256, 256)
         yield ("l1", cfg), _l1_swiglu_kernel, L1_TYPES, dict(
             QUANTIZED=True, HAS_CLAMP=False, INTER_SF_FP32=False, A_BY_TOKEN=True, HAS_BIAS=False, GPT_OSS=False,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False,
-            KSTEP=cfg.kstep)
+            KSTEP=cfg.kstep, MX_LOOP=mx)
         cfg = pick_config("l2", rows_per_expert * 256, 256)
         yield ("l2", cfg), _l2_kernel, L2_TYPES, dict(
             QUANTIZED=True, INTER_SF_FP32=False, HAS_BIAS=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False, KSTEP=cfg.kstep)
+            BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False, KSTEP=cfg.kstep, MX_LOOP=mx)
 
 
 def main():
@@ -76,7 +76,7 @@ def main():
         k = compile_kernel(fn, types, constexprs, cfg.num_warps, cfg.num_stages)
         ptx = k.asm["ptx"]
         cubin = k.asm["cubin"]
-        tag = f"{name}_m{block_m}"
+        tag = f"{name}_m{block_m}_{'mx' if constexprs['MX_LOOP'] else 'chunk64'}"
         sass = ""
         if args.sass:
             os.makedirs(args.sass, exist_ok=True)
@@ -95,7 +95,7 @@ def main():
         res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
         ops = {op: len(re.findall(op, ptx)) for op in ("wgmma.mma_async", "cp.async.cg", "cp.async.ca", "ld.global",
                                                         "ld.shared", "st.shared")}
-        print(f"{tag:<10} regs={res[1]:<4} stack={res[2]:<4} local={res[4]:<5} smem={k.metadata.shared:<7} "
+        print(f"{tag:<16} regs={res[1]:<4} stack={res[2]:<4} local={res[4]:<5} smem={k.metadata.shared:<7} "
               + " ".join(f"{op}={n}" for op, n in ops.items()))
 
 

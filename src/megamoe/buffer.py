@@ -43,14 +43,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .formats import SCALE_GROUP, num_sf_words
-from .reference import check_intermediate_sf, check_mode
+from .reference import INTERMEDIATE_SF, MODES, check_intermediate_sf, check_mode
 
 ALIGN = 256
+RECORD_ALIGN = 16
 META_WORDS = 16
 META_NUM_TOKENS = 0
 META_BAD_EXPERT_IDS = 1
+
+BACKENDS = ("auto", "symm", "nccl")
+SYMM_MISSING = (
+    "backend='symm': the symmetric-memory NVLink backend is not implemented yet (missing: "
+    "megamoe/comm/symm.py with buffers from torch.distributed._symmetric_memory, Triton kernels that "
+    "pull rows from peers through buffer_ptrs_dev, and bounded signal-pad waits); use backend='nccl', "
+    "or 'auto', which picks nccl until symm lands")
 
 
 @dataclass(frozen=True)
@@ -74,10 +83,57 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+def resolve_backend(backend: str, num_ranks: int) -> str:
+    """The backend that runs a buffer of `num_ranks` ranks: "local", "nccl" or "symm".
+
+    "auto" is "local" at one rank. Across ranks it is to pick "symm" when every rank is a CUDA
+    device of one node and "nccl" otherwise; until the symm backend exists it picks "nccl".
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "symm":
+        raise NotImplementedError(SYMM_MISSING)
+    if backend == "auto":
+        return "local" if num_ranks == 1 else "nccl"
+    return backend
+
+
+@dataclass(frozen=True)
+class DispatchRecord:
+    """Byte layout of one row that the NCCL backend sends to the owner of its expert.
+
+    [0, sf_offset)               the token's activation row: H float8_e4m3fn bytes (2H bytes of
+                                 bfloat16 in bf16xbf16 mode), as in buffer.x
+    [sf_offset, expert_offset)   its packed UE8M0 scale bytes as in buffer.x_sf, byte g = group g,
+                                 pad bytes 127 (4 * ceil(H/128) bytes; none in bf16xbf16 mode)
+    [expert_offset, +4)          int32 global expert id
+    [weight_offset, +4)          float32 routing weight (routed_scaling_factor applied)
+    up to nbytes                 padding, so that every record starts on a 16-byte boundary
+    """
+
+    sf_offset: int
+    expert_offset: int
+    weight_offset: int
+    nbytes: int
+
+
+def dispatch_record(hidden: int, mode: str) -> DispatchRecord:
+    quantized = mode == "fp8xfp4"
+    sf_offset = hidden if quantized else 2 * hidden
+    expert_offset = sf_offset + (4 * num_sf_words(hidden) if quantized else 0)
+    weight_offset = expert_offset + 4
+    nbytes = -(-(weight_offset + 4) // RECORD_ALIGN) * RECORD_ALIGN
+    return DispatchRecord(sf_offset, expert_offset, weight_offset, nbytes)
+
+
 def buffer_layout(num_experts: int, max_tokens_per_rank: int, num_topk: int, hidden: int,
                   intermediate: int, num_ranks: int = 1, mode: str = "fp8xfp4",
-                  intermediate_sf: str = "ue8m0") -> list[Region]:
-    """The regions of a buffer for these arguments, without allocating anything."""
+                  intermediate_sf: str = "ue8m0", backend: str = "auto") -> list[Region]:
+    """The regions of a buffer for these arguments, without allocating anything.
+
+    backend: as for MegaMoEBuffer; the NCCL staging regions exist only when it resolves to
+    "nccl" ("auto" with num_ranks > 1), so the EP = 1 layout has none of them.
+    """
     check_mode(mode)
     check_intermediate_sf(intermediate_sf)
     for name, value in (("num_experts", num_experts), ("max_tokens_per_rank", max_tokens_per_rank),
@@ -91,6 +147,7 @@ def buffer_layout(num_experts: int, max_tokens_per_rank: int, num_topk: int, hid
         raise ValueError(f"num_experts: expected a multiple of the number of ranks ({num_ranks}), got {num_experts}")
     if num_topk > num_experts:
         raise ValueError(f"num_topk: expected <= num_experts ({num_experts}), got {num_topk}")
+    resolved = resolve_backend(backend, num_ranks)
     cap, k = max_tokens_per_rank, num_topk
     local_experts = num_experts // num_ranks
     recv_rows = num_ranks * cap * min(k, local_experts)
@@ -111,6 +168,19 @@ def buffer_layout(num_experts: int, max_tokens_per_rank: int, num_topk: int, hid
         ("inter", (recv_rows, intermediate), act),
         ("inter_sf", inter_sf, torch.float32 if intermediate_sf == "fp32" else torch.uint8),
     ]
+    if resolved == "nccl":
+        record = dispatch_record(hidden, mode).nbytes
+        shapes += [
+            ("send_counts", (num_ranks,), torch.int64),
+            ("count_matrix", (num_ranks, num_ranks), torch.int64),
+            ("send_entries", (cap * k,), torch.int64),
+            # Dispatch records first, then (reused once the dispatch is done) the returned rows.
+            ("send_rows", (cap * k, max(record, 2 * hidden)), torch.uint8),
+            ("recv_rows", (recv_rows, record), torch.uint8),
+            ("recv_expert", (recv_rows,), torch.int32),
+            ("recv_weights", (recv_rows,), torch.float32),
+            ("recv_out", (recv_rows, hidden), torch.bfloat16),
+        ]
     regions, offset = [], 0
     for name, shape, dtype in shapes:
         region = Region(name, shape, dtype, offset)
@@ -127,21 +197,53 @@ class MegaMoEBuffer:
     max_tokens_per_rank:  C, the most tokens one call of one rank may bring.
     num_topk:             K, experts per token.
     hidden, intermediate: H and I, multiples of 32.
-    group:                None for one GPU (EP = 1); a torch.distributed process group for EP.
+    group:                None for one GPU (EP = 1); a torch.distributed process group of R
+                          ranks for EP = R (the rank within the group picks the local experts).
     mode:                 "fp8xfp4" (FP8 activations x MXFP4 weights) or "bf16xbf16".
+    backend:              "auto", "nccl" or "symm" (see `resolve_backend`); with group=None
+                          only "auto" (no communication).
     intermediate_sf:      "ue8m0" (power-of-two scales per 32 of I) or "fp32" scales.
     device:               where to allocate; default: the current CUDA device, else the CPU.
+                          With a group, the collectives run on tensors of this device.
+
+    With a group, construction is collective: every rank of the group must construct its buffer
+    with the same arguments. They are all-gathered and compared, so a rank that disagrees (or
+    passes an invalid value) makes every rank raise ValueError naming the argument and the ranks;
+    a rank that never arrives makes the others raise TimeoutError after MEGAMOE_TIMEOUT_S.
+    Allocation and this rendezvous happen here, never inside CUDA-graph capture.
     """
 
     def __init__(self, num_experts: int, max_tokens_per_rank: int, num_topk: int, hidden: int,
-                 intermediate: int, group=None, mode: str = "fp8xfp4", *,
+                 intermediate: int, group=None, mode: str = "fp8xfp4", *, backend: str = "auto",
                  intermediate_sf: str = "ue8m0", device: str | torch.device | None = None):
-        if group is not None:
-            raise NotImplementedError("group: expert parallelism is not available yet; pass group=None")
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("MegaMoEBuffer: cannot allocate or rendezvous during CUDA-graph capture; "
+                               "create it before capturing")
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        if group is None:
+            if backend != "auto":
+                resolve_backend(backend, 1)  # an unknown name gets its own error
+                raise ValueError(f"backend: {backend!r} needs a process group; group=None runs one rank "
+                                 "without communication (backend='auto')")
+            self.rank, self.num_ranks = 0, 1
+        else:
+            if not isinstance(group, dist.ProcessGroup):
+                raise TypeError(f"group: expected None or a torch.distributed.ProcessGroup, got {type(group).__name__}")
+            self.rank, self.num_ranks = dist.get_rank(group), dist.get_world_size(group)
+            if self.rank < 0:
+                raise ValueError("group: this process is not a member of the group")
+            _check_ranks_agree(group, self.rank, self.num_ranks, self.device, {
+                "num_experts": num_experts, "max_tokens_per_rank": max_tokens_per_rank, "num_topk": num_topk,
+                "hidden": hidden, "intermediate": intermediate, "mode": mode,
+                "intermediate_sf": intermediate_sf, "backend": backend})
         self.group = group
-        self.rank, self.num_ranks = 0, 1
         self.regions = buffer_layout(num_experts, max_tokens_per_rank, num_topk, hidden, intermediate,
-                                     self.num_ranks, mode, intermediate_sf)
+                                     self.num_ranks, mode, intermediate_sf, backend)
         self.num_experts = num_experts
         self.num_max_tokens_per_rank = max_tokens_per_rank
         self.num_topk = num_topk
@@ -150,11 +252,6 @@ class MegaMoEBuffer:
         self.mode = mode
         self.intermediate_sf = intermediate_sf
         self.num_local_experts = num_experts // self.num_ranks
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("MegaMoEBuffer: cannot allocate during CUDA-graph capture; create it before capturing")
         self.nbytes = self.regions[-1].offset + self.regions[-1].nbytes
         self._storage = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
         self._views = {}
@@ -163,10 +260,14 @@ class MegaMoEBuffer:
             self._views[region.name] = raw.view(region.dtype).view(region.shape)
         self._views["meta"].zero_()
         self._views["topk_idx"].fill_(-1)
-        self.backend = self._make_backend()
+        self.backend = self._make_backend(resolve_backend(backend, self.num_ranks))
 
-    def _make_backend(self):
+    def _make_backend(self, name: str):
         # Imported here: the backends import the kernels, which import this module's constants.
+        if name == "nccl":
+            from .comm.nccl import NcclBackend
+
+            return NcclBackend(self)
         from .comm.local import LocalBackend
 
         return LocalBackend()
@@ -214,7 +315,56 @@ class MegaMoEBuffer:
     def __repr__(self) -> str:
         state = "destroyed" if self._views is None else f"{self.nbytes / 2**20:.1f} MiB on {self.device}"
         return (f"MegaMoEBuffer(E={self.num_experts}, C={self.num_max_tokens_per_rank}, K={self.num_topk}, "
-                f"H={self.hidden}, I={self.intermediate}, mode={self.mode}, ranks={self.num_ranks}, {state})")
+                f"H={self.hidden}, I={self.intermediate}, mode={self.mode}, ranks={self.num_ranks}, "
+                f"backend={self.backend.name}, {state})")
+
+
+# Arguments every rank must pass alike; choice arguments travel as their index in the tuple.
+_AGREED_CHOICES = {"mode": MODES, "intermediate_sf": INTERMEDIATE_SF, "backend": BACKENDS}
+_INVALID = -1
+_INT64_MAX = 2**63 - 1
+
+
+def _encode_argument(name: str, value) -> int:
+    """One int64 per argument; every invalid value becomes _INVALID (checked after the gather)."""
+    choices = _AGREED_CHOICES.get(name)
+    if choices is not None:
+        return choices.index(value) if isinstance(value, str) and value in choices else _INVALID
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _INT64_MAX:
+        return _INVALID
+    return value
+
+
+def _decode_argument(name: str, code: int) -> str:
+    if code == _INVALID:
+        return "an invalid value"
+    choices = _AGREED_CHOICES.get(name)
+    return repr(choices[code]) if choices is not None else str(code)
+
+
+def _check_ranks_agree(group, rank: int, num_ranks: int, device: torch.device, arguments: dict) -> None:
+    """All-gather the buffer's arguments over `group`; raise ValueError on every rank if any differ.
+
+    Invalid values are gathered as a sentinel too, so every rank takes part in the collective and
+    then raises the same error, instead of one rank raising and the others waiting for it.
+    """
+    from .comm.wait import wait_for
+
+    names = list(arguments)
+    mine = torch.tensor([_encode_argument(n, arguments[n]) for n in names], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(num_ranks)]
+    work = dist.all_gather(gathered, mine, group=group, async_op=True)
+    wait_for(work, f"MegaMoEBuffer (rank {rank}): the all_gather that compares the arguments of all ranks")
+    table = torch.stack(gathered).tolist()
+    problems = []
+    for column, name in enumerate(names):
+        values = [row[column] for row in table]
+        if len(set(values)) > 1:
+            per_rank = ", ".join(f"rank {r}: {_decode_argument(name, v)}" for r, v in enumerate(values))
+            problems.append(f"{name} ({per_rank})")
+    if problems:
+        raise ValueError("MegaMoEBuffer: the ranks of the group disagree on " + "; ".join(problems)
+                         + f" (this is rank {rank}); every rank must pass the same arguments")
 
 
 def describe_layout(regions: list[Region]) -> str:

@@ -366,7 +366,8 @@ def _make_layer(spec, router, tensors: ExpertTensors, mode, shared, layer_option
 
 
 def _dtype_names(dtypes) -> str:
-    return " or ".join(f"{d} ({str(_TORCH_DTYPES[d]).replace('torch.', '')})" for d in dtypes)
+    names = [f"{d} ({str(_TORCH_DTYPES[d]).replace('torch.', '')})" for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 class SafetensorsCheckpoint:

@@ -87,7 +87,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_sf, route_weights, l1: Exp
         INTER_SF_FP32=buf.intermediate_sf == "fp32", A_BY_TOKEN=True,
         HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(), KSTEP=cfg.kstep,
+        UPCAST=_upcast(), KSTEP=cfg.kstep, MX_LOOP=l1.layout == "mx",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -109,7 +109,7 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights) -> None:
         out, hidden, inter, experts, col_tiles,
         QUANTIZED=quantized, INTER_SF_FP32=buf.intermediate_sf == "fp32", HAS_BIAS=l2.bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(), KSTEP=cfg.kstep,
+        UPCAST=_upcast(), KSTEP=cfg.kstep, MX_LOOP=l2.layout == "mx",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

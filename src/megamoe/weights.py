@@ -5,7 +5,10 @@ User layout (DESIGN.md section 2), per rank's local experts E_l:
                L2 (uint8 [E_l, H, I/2], uint8 [E_l, H, I/32]). Element 2i in the low nibble.
     bf16xbf16: L1 bfloat16 [E_l, 2I, H], L2 bfloat16 [E_l, H, I].
 
-Kernel layout (`ExpertWeights`), fp8xfp4:
+Kernel layouts (`ExpertWeights`), fp8xfp4:
+  layout "mx" (default): the user layout, contiguous: w uint8 [E_l, N, K/2], w_sf uint8
+    [E_l, N, K/32]; the kernels multiply it with `tl.dot_scaled`.
+  layout "chunk64": for the FP8-MMA main loop with a promotion per scale group.
     w    uint8 [E_l, N, KP/2]   KP = K rounded up to 64. K is cut into chunks of 64; byte j of
                                 chunk c holds element 64c + j in its low nibble and element
                                 64c + 32 + j in its high nibble, so the two nibbles of a tile
@@ -21,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .formats import SCALE_GROUP, UE8M0_PAD, check_mxfp4, e2m1_lut, ue8m0_to_float
+from .formats import SCALE_GROUP, UE8M0_PAD, check_mxfp4, dequantize_mxfp4, e2m1_lut, ue8m0_to_float
 from .reference import check_bias, check_mode
 
 CHUNK = 64
@@ -39,6 +42,7 @@ class ExpertWeights:
     n: int
     k: int
     bias: torch.Tensor | None = None   # float32 [E_l, N], added to the FP32 output
+    layout: str = "mx"                  # fp8xfp4: "mx" or "chunk64" (module docstring)
 
     @property
     def device(self) -> torch.device:
@@ -52,6 +56,8 @@ class ExpertWeights:
         """float32 [N, K]: the values of one expert's matrix (the CPU path and tests use this)."""
         if self.mode != "fp8xfp4":
             return self.w[expert].float()
+        if self.layout == "mx":
+            return dequantize_mxfp4(self.w[expert], self.w_sf[expert])
         packed = self.w[expert]
         n, half_kp = packed.shape
         chunks = packed.view(n, half_kp // (CHUNK // 2), 1, CHUNK // 2)
@@ -75,7 +81,10 @@ def _pack_chunks(w_q: torch.Tensor, w_sf: torch.Tensor) -> tuple[torch.Tensor, t
     return packed.contiguous(), scales
 
 
-def _transform_one(weights, mode: str, name: str) -> ExpertWeights:
+LAYOUTS = ("mx", "chunk64")
+
+
+def _transform_one(weights, mode: str, name: str, layout: str) -> ExpertWeights:
     if mode == "fp8xfp4":
         if not (isinstance(weights, (tuple, list)) and len(weights) == 2):
             raise TypeError(f"{name}: in fp8xfp4 mode expected a pair (w_q, w_sf) of uint8 tensors")
@@ -83,8 +92,11 @@ def _transform_one(weights, mode: str, name: str) -> ExpertWeights:
         check_mxfp4(name, w_q, w_sf)
         if w_q.dim() != 3:
             raise ValueError(f"{name}: expected w_q of shape [E, N, K/2], got {tuple(w_q.shape)}")
+        e, n, k = w_q.shape[0], w_q.shape[1], 2 * w_q.shape[2]
+        if layout == "mx":
+            return ExpertWeights(mode, w_q.contiguous(), w_sf.contiguous(), e, n, k, layout=layout)
         packed, scales = _pack_chunks(w_q, w_sf)
-        return ExpertWeights(mode, packed, scales, w_q.shape[0], w_q.shape[1], 2 * w_q.shape[2])
+        return ExpertWeights(mode, packed, scales, e, n, k, layout=layout)
     if not isinstance(weights, torch.Tensor) or weights.dtype != torch.bfloat16 or weights.dim() != 3:
         raise TypeError(f"{name}: in bf16xbf16 mode expected a bfloat16 tensor [E, N, K], got "
                         f"{getattr(weights, 'dtype', type(weights))} {tuple(getattr(weights, 'shape', ()))}")
@@ -95,7 +107,7 @@ def _transform_one(weights, mode: str, name: str) -> ExpertWeights:
 
 
 def transform_weights(l1_weights, l2_weights, mode: str = "fp8xfp4", *, l1_bias: torch.Tensor | None = None,
-                      l2_bias: torch.Tensor | None = None) -> tuple[ExpertWeights, ExpertWeights]:
+                      l2_bias: torch.Tensor | None = None, layout: str = "mx") -> tuple[ExpertWeights, ExpertWeights]:
     """User-layout L1 / L2 expert weights (module docstring) -> (l1, l2) for `mega_moe`.
 
     L1 is [E_l, 2I, H] (gate rows 0..I-1, up rows I..2I-1), L2 is [E_l, H, I], in the packed
@@ -103,8 +115,10 @@ def transform_weights(l1_weights, l2_weights, mode: str = "fp8xfp4", *, l1_bias:
     kept as float32). Raises TypeError / ValueError naming the tensor on any mismatch.
     """
     check_mode(mode)
-    l1 = _transform_one(l1_weights, mode, "l1_weights")
-    l2 = _transform_one(l2_weights, mode, "l2_weights")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    l1 = _transform_one(l1_weights, mode, "l1_weights", layout)
+    l2 = _transform_one(l2_weights, mode, "l2_weights", layout)
     check_bias("l1_bias", l1_bias, l1.num_experts, l1.n, l1.device)
     check_bias("l2_bias", l2_bias, l2.num_experts, l2.n, l2.device)
     if l1_bias is not None:

@@ -18,7 +18,7 @@ class GemmConfig:
     block_n: int      # output columns per tile (L1: intermediate columns, so 2x weight rows)
     num_warps: int
     num_stages: int
-    block_k: int = 64  # bf16xbf16 only; the fp8xfp4 loop steps one 64-wide packed chunk
+    block_k: int = 128  # K per loop step of the bf16xbf16 and the "mx" layout loops
     kstep: int = 4     # fp8xfp4: 64-wide chunks unrolled per loop iteration
 
     def __post_init__(self):

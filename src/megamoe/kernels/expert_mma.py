@@ -92,6 +92,87 @@ def mxfp4_rows_dot(acc, w_ptr, w_sf_ptr, w_rows, w_mask, stride_w_n, stride_wsf_
 
 
 @triton.jit
+def mx_rows_dot(acc, w_ptr, w_sf_ptr, w_rows, w_mask, stride_w_n, stride_wsf_n,
+                a_ptr, a_rows, a_mask, stride_a_m, a_sf_ptr, stride_asf_m, k_size,
+                BLOCK_K: tl.constexpr, A_SF_FP32: tl.constexpr, UPCAST: tl.constexpr):
+    """acc [BLOCK_W, BLOCK_M] += W[w_rows, :k_size] @ A[a_rows, :k_size].T as OCP-MX operands.
+
+    w_ptr:    uint8 [N, K/2] of the expert, e2m1 codes in the standard MX packing (element 2i in
+              the low nibble); w_sf_ptr: uint8 [N, K/32] exponents (stride_wsf_n per row).
+    a_ptr:    float8e4nv rows; a_rows [BLOCK_M] int64; a_sf_ptr: uint8 exponents per 32 of a
+              row (stride_asf_m per row), or fp32 scales when A_SF_FP32.
+
+    With UE8M0 activation scales this is `tl.dot_scaled`: Triton applies both operands' scales
+    while upcasting to BF16 (exact: e2m1 and e4m3 values times a power of two fit BF16) and
+    chains BF16 tensor-core MMAs over the whole K with no per-group promotion. FP32 activation
+    scales are no MX format: each group of 32 is then a separate product promoted with its
+    scale. UPCAST runs the same arithmetic with explicit FP32 decoding (Triton's interpreter has
+    no dot_scaled).
+    """
+    if A_SF_FP32 and not UPCAST:
+        offs_b = tl.arange(0, 16)
+        offs_k = tl.arange(0, 32)
+        one = tl.arange(0, 1)
+        for g in range(0, k_size // 32):
+            w = tl.load(w_ptr + w_rows[:, None] * stride_w_n + (g * 16 + offs_b)[None, :], mask=w_mask[:, None],
+                        other=0)
+            w_sf = tl.load(w_sf_ptr + w_rows[:, None] * stride_wsf_n + (g + one)[None, :], mask=w_mask[:, None],
+                           other=127)
+            a = tl.load(a_ptr + a_rows[None, :] * stride_a_m + (g * 32 + offs_k)[:, None], mask=a_mask[None, :],
+                        other=0.0)
+            a_sf = tl.load(a_sf_ptr + a_rows * stride_asf_m + g, mask=a_mask, other=1.0)
+            acc += tl.dot_scaled(w, w_sf, "e2m1", a, None, "e4m3", fast_math=True) * a_sf[None, :]
+    else:
+        GROUPS: tl.constexpr = BLOCK_K // 32
+        offs_b = tl.arange(0, BLOCK_K // 2)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_g = tl.arange(0, GROUPS)
+        for k0 in range(0, k_size, BLOCK_K):
+            k_ok = k0 + offs_k < k_size
+            g_ok = k0 // 32 + offs_g < k_size // 32
+            w = tl.load(w_ptr + w_rows[:, None] * stride_w_n + (k0 // 2 + offs_b)[None, :],
+                        mask=w_mask[:, None] & (k0 + 2 * offs_b < k_size)[None, :], other=0)
+            w_sf = tl.load(w_sf_ptr + w_rows[:, None] * stride_wsf_n + (k0 // 32 + offs_g)[None, :],
+                           mask=w_mask[:, None] & g_ok[None, :], other=127)
+            a = tl.load(a_ptr + a_rows[None, :] * stride_a_m + (k0 + offs_k)[:, None],
+                        mask=a_mask[None, :] & k_ok[:, None], other=0.0)
+            sf_ptrs = a_sf_ptr + a_rows[:, None] * stride_asf_m + (k0 // 32 + offs_g)[None, :]
+            if A_SF_FP32:
+                a_sf = tl.load(sf_ptrs, mask=a_mask[:, None] & g_ok[None, :], other=1.0)
+            else:
+                a_sf = tl.load(sf_ptrs, mask=a_mask[:, None] & g_ok[None, :], other=127)
+            if UPCAST:
+                acc += tl.dot(_mx_weights_fp32(w, w_sf, GROUPS), _activations_fp32(a, a_sf, GROUPS, A_SF_FP32),
+                              input_precision="ieee")
+            else:
+                acc = tl.dot_scaled(w, w_sf, "e2m1", a, a_sf, "e4m3", acc, fast_math=True)
+    return acc
+
+
+@triton.jit
+def _mx_weights_fp32(w, w_sf, GROUPS: tl.constexpr):
+    """uint8 [R, BK/2] packed e2m1 + uint8 [R, BK/32] exponents -> fp32 [R, BK] values."""
+    codes = tl.reshape(tl.join(w & 0xF, w >> 4), (w.shape[0], 2 * w.shape[1]))
+    magnitude = codes & 7
+    exponent = magnitude >> 1
+    # e2m1: 0.5 * m for exponent 0, else 2^(e-1) * (1 + m/2)
+    value = tl.where(exponent == 0, 0.5 * (magnitude & 1).to(tl.float32),
+                     tl.exp2((exponent - 1).to(tl.float32)) * (1.0 + 0.5 * (magnitude & 1).to(tl.float32)))
+    value = tl.where((codes & 8) != 0, -value, value)
+    scale = ue8m0_to_fp32(w_sf.to(tl.int32))
+    value = tl.reshape(value, (w.shape[0], GROUPS, 32)) * scale[:, :, None]
+    return tl.reshape(value, (w.shape[0], GROUPS * 32))
+
+
+@triton.jit
+def _activations_fp32(a, a_sf, GROUPS: tl.constexpr, A_SF_FP32: tl.constexpr):
+    """float8e4nv [BK, M] + per-32 scales [M, BK/32] -> fp32 [BK, M] values."""
+    scale = a_sf if A_SF_FP32 else ue8m0_to_fp32(a_sf.to(tl.int32))
+    value = tl.reshape(a.to(tl.float32), (GROUPS, 32, a.shape[1])) * tl.trans(scale)[:, None, :]
+    return tl.reshape(value, (GROUPS * 32, a.shape[1]))
+
+
+@triton.jit
 def bf16_rows_dot(acc, w_ptr, w_rows, w_mask, stride_w_n, a_ptr, a_rows, a_mask, stride_a_m, k_size,
                   BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     """acc [BLOCK_W, BLOCK_M] += W[w_rows, :k_size] @ A[a_rows, :k_size].T, both bfloat16.

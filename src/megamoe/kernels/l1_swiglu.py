@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import find_expert_tile, quantize_groups_fp32, quantize_groups_ue8m0, round_to_bf16
-from .expert_mma import bf16_rows_dot, mxfp4_rows_dot
+from .expert_mma import bf16_rows_dot, mx_rows_dot, mxfp4_rows_dot
 
 
 @triton.jit
@@ -32,7 +32,7 @@ def _l1_swiglu_kernel(
     QUANTIZED: tl.constexpr, HAS_CLAMP: tl.constexpr, INTER_SF_FP32: tl.constexpr, A_BY_TOKEN: tl.constexpr,
     HAS_BIAS: tl.constexpr, GPT_OSS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, KSTEP: tl.constexpr,
+    UPCAST: tl.constexpr, KSTEP: tl.constexpr, MX_LOOP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile_m = pid // num_cols_tiles
@@ -52,7 +52,11 @@ def _l1_swiglu_kernel(
         w_mask = col < inter
         acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
         expert64 = expert.to(tl.int64)
-        if QUANTIZED:
+        if QUANTIZED and MX_LOOP:
+            acc = mx_rows_dot(acc, w_ptr + expert64 * stride_w_e, w_sf_ptr + expert64 * stride_wsf_e, w_rows,
+                              w_mask, stride_w_n, stride_wsf_g, a_ptr, a_rows, row_mask, stride_a_m,
+                              a_sf_ptr, stride_asf_m, hidden, BLOCK_K=BLOCK_K, A_SF_FP32=False, UPCAST=UPCAST)
+        elif QUANTIZED:
             acc = mxfp4_rows_dot(acc, w_ptr + expert64 * stride_w_e, w_sf_ptr + expert64 * stride_wsf_e, w_rows,
                                  w_mask, stride_w_n, stride_wsf_g, a_ptr, a_rows, row_mask, stride_a_m,
                                  a_sf_ptr, stride_asf_m, hidden, A_SF_FP32=False, KSTEP=KSTEP, PTX_DECODE=not UPCAST)

@@ -1,0 +1,342 @@
+"""Expert parallelism through torch.distributed (the nccl backend), on CPU gloo ranks.
+
+Each EP case runs once on R spawned ranks (tests/gloo_ranks.py) and is compared with EP = 1 on
+the same global inputs, computed in this process on the same path (Triton interpreter or plain
+torch). The comparison is bitwise: every (token, slot) row goes through the same quantized
+operands and per-row GEMM sums at any EP, and combine adds the slots in slot order. recv_stats
+(rows per local expert) and the exchanged count matrix are integer metadata, compared exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import megamoe
+from megamoe.buffer import buffer_layout
+from megamoe.testing import MoEShape, make_problem, relative_error
+
+from gloo_ranks import run_ranks
+from tolerances import LAYER_KERNEL_VS_REFERENCE
+
+PATHS = {"interpreter": "1", "torch": "0"}   # TRITON_INTERPRET of each CPU path
+
+
+@dataclass(frozen=True)
+class EPCase:
+    tokens: tuple[int, ...]      # tokens of each rank; R = len(tokens)
+    experts: int = 8
+    topk: int = 3
+    hidden: int = 64
+    inter: int = 32
+    routing: str = "uniform"
+    masked: float = 0.0
+    mode: str = "fp8xfp4"
+    after_full_call: bool = False  # first run a call with every rank at capacity on the same buffer
+
+    @property
+    def capacity(self) -> int:
+        return max(self.tokens) + 1   # rows past T on every rank
+
+    @property
+    def shape(self) -> MoEShape:
+        return MoEShape("ep", self.experts, self.topk, self.hidden, self.inter)
+
+    def __str__(self):
+        tokens = "-".join(map(str, self.tokens))
+        return (f"R{len(self.tokens)}-T{tokens}-E{self.experts}-K{self.topk}-H{self.hidden}-I{self.inter}"
+                f"-{self.routing}-m{self.masked}-{self.mode}{'-reuse' if self.after_full_call else ''}")
+
+
+CASES = [
+    EPCase((5, 11), masked=0.3, after_full_call=True),      # different token counts, masked slots
+    EPCase((0, 7)),                                          # a rank with no tokens
+    EPCase((6, 4), routing="one_expert"),                    # every token to expert 0: rank 1 receives nothing
+    EPCase((4, 9), masked=0.2, mode="bf16xbf16"),
+    EPCase((3, 0, 8, 5), masked=0.2, after_full_call=True),
+    EPCase((2, 3, 1, 4), routing="one_expert"),
+    EPCase((4, 2, 0, 3), experts=4, topk=2, routing="skewed"),  # K > local experts: min(K, E_l) bound
+    EPCase((3, 5, 2, 6), masked=1.0),                         # every slot masked: nothing moves
+]
+
+
+def _global_problem(case: EPCase, seed: int = 0):
+    return make_problem(case.shape, sum(case.tokens), mode=case.mode, routing=case.routing,
+                        masked_ratio=case.masked, seed=seed)
+
+
+def _local_weights(weights, rank: int, local: int):
+    """This rank's experts of user-layout weights (a tensor, or (codes, scales) in fp8xfp4)."""
+    if isinstance(weights, tuple):
+        return tuple(w[rank * local:(rank + 1) * local] for w in weights)
+    return weights[rank * local:(rank + 1) * local]
+
+
+def _rank_slice(case: EPCase, rank: int) -> slice:
+    start = sum(case.tokens[:rank])
+    return slice(start, start + case.tokens[rank])
+
+
+def _run_ep_cases(rank, num_ranks, group, cases, device_type="cpu"):
+    """Worker: every case of this rank count on one group; per case y, stats added, count matrix."""
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    results = {}
+    for case in cases:
+        local = case.experts // num_ranks
+        buf = megamoe.MegaMoEBuffer(case.experts, case.capacity, case.topk, case.hidden, case.inter, group=group,
+                                    mode=case.mode, device=device)
+        assert buf.backend.name == "nccl" and buf.rank == rank
+        p = _global_problem(case).to(device)
+        l1, l2 = megamoe.transform_weights(_local_weights(p.l1, rank, local), _local_weights(p.l2, rank, local),
+                                           mode=case.mode)
+        if case.after_full_call:
+            full = make_problem(case.shape, case.capacity, mode=case.mode, seed=100 + rank).to(device)
+            megamoe.pre_dispatch(full.x, full.topk_idx, full.topk_weights, buf)
+            megamoe.mega_moe(torch.empty_like(full.x), l1, l2, buf)
+        rows = _rank_slice(case, rank)
+        megamoe.pre_dispatch(p.x[rows], p.topk_idx[rows], p.topk_weights[rows], buf)
+        stats = torch.randint(0, 100, (local,), dtype=torch.int32).to(device)
+        stats0 = stats.clone()
+        y = torch.full_like(p.x[rows], float("nan"))
+        megamoe.mega_moe(y, l1, l2, buf, recv_stats=stats)
+        results[str(case)] = {"y": y.cpu(), "stats": (stats - stats0).cpu(), "count_matrix": buf.count_matrix.cpu()}
+        buf.destroy()
+    return results
+
+
+def _ep1(case: EPCase, device="cpu"):
+    """EP = 1 on the global inputs in this process: the problem, y, and rows per expert."""
+    p = _global_problem(case).to(device)
+    buf = megamoe.MegaMoEBuffer(case.experts, max(sum(case.tokens), 1), case.topk, case.hidden, case.inter,
+                                mode=case.mode, device=device)
+    l1, l2 = megamoe.transform_weights(p.l1, p.l2, mode=case.mode)
+    megamoe.pre_dispatch(p.x, p.topk_idx, p.topk_weights, buf)
+    y = torch.full_like(p.x, float("nan"))
+    stats = torch.zeros(case.experts, dtype=torch.int32, device=device)
+    megamoe.mega_moe(y, l1, l2, buf, recv_stats=stats)
+    return p.to("cpu"), y.cpu(), stats.cpu()
+
+
+@pytest.fixture(scope="module")
+def ep_runs(tmp_path_factory):
+    """(num_ranks, path) -> per-rank results of every case of that rank count, run once."""
+    cache = {}
+
+    def get(num_ranks: int, path: str):
+        if (num_ranks, path) not in cache:
+            cases = [c for c in CASES if len(c.tokens) == num_ranks]
+            workdir = tmp_path_factory.mktemp(f"ep{num_ranks}-{path}")
+            cache[num_ranks, path] = run_ranks(_run_ep_cases, num_ranks, cases, workdir=workdir,
+                                               env={"TRITON_INTERPRET": PATHS[path], "OMP_NUM_THREADS": "1"})
+        return cache[num_ranks, path]
+
+    return get
+
+
+def _check_against_ep1(case: EPCase, ranks: list, device="cpu") -> None:
+    num_ranks = len(case.tokens)
+    local = case.experts // num_ranks
+    p, y1, stats1 = _ep1(case, device)
+    for rank, result in enumerate(ranks):
+        got = result[str(case)]
+        rows = _rank_slice(case, rank)
+        assert torch.equal(got["y"].view(torch.int16), y1[rows].view(torch.int16)), f"rank {rank}"
+        assert torch.equal(got["stats"], stats1[rank * local:(rank + 1) * local]), f"rank {rank}"
+        # count_matrix[i, j]: rows rank i sent to rank j, from the global routing.
+        matrix = torch.zeros(num_ranks, num_ranks, dtype=torch.int64)
+        for src in range(num_ranks):
+            ids = p.topk_idx[_rank_slice(case, src)].reshape(-1)
+            for dst in range(num_ranks):
+                matrix[src, dst] = ((ids >= dst * local) & (ids < (dst + 1) * local)).sum()
+        assert torch.equal(got["count_matrix"], matrix), f"rank {rank}"
+    ref = megamoe.reference.mega_moe_reference(p.x, p.topk_idx, p.topk_weights, p.l1, p.l2, mode=case.mode)
+    assert relative_error(y1, ref) <= LAYER_KERNEL_VS_REFERENCE
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_ep_matches_ep1(case, path, ep_runs, monkeypatch):
+    if path == "interpreter" and torch.cuda.is_available():
+        pytest.skip("this process runs compiled Triton here; the interpreter path is for CPU-only machines")
+    monkeypatch.setenv("TRITON_INTERPRET", PATHS[path])
+    _check_against_ep1(case, ep_runs(len(case.tokens), path))
+
+
+# ------------------------------------------------------------------ errors across ranks
+
+def _disagreements(rank, num_ranks, group):
+    """Worker: constructions and calls that must fail the same way on every rank."""
+    def error_of(fn):
+        try:
+            fn()
+        except (ValueError, NotImplementedError) as err:
+            return f"{type(err).__name__}: {err}"
+        return "no error"
+
+    base = dict(num_experts=4, max_tokens_per_rank=4, num_topk=3, hidden=64, intermediate=32)
+
+    def make(**changes):
+        args = dict(base, **changes)
+        return megamoe.MegaMoEBuffer(args.pop("num_experts"), args.pop("max_tokens_per_rank"), args.pop("num_topk"),
+                                     args.pop("hidden"), args.pop("intermediate"), group=group, device="cpu", **args)
+
+    errors = {
+        "hidden": error_of(lambda: make(hidden=96 if rank == 1 else 64)),
+        "mode": error_of(lambda: make(mode="bf16xbf16" if rank == 1 else "fp8xfp4")),
+        "invalid": error_of(lambda: make(max_tokens_per_rank="4" if rank == 1 else 4)),
+        "symm": error_of(lambda: make(backend="symm")),
+    }
+    # Slots repeating an expert overflow the receive capacity R * C * min(K, E_l) = 16 of rank 0.
+    buf = make()
+    p = make_problem(MoEShape("dup", 4, 3, 64, 32), 4, seed=0)
+    l1, l2 = megamoe.transform_weights(_local_weights(p.l1, rank, 2), _local_weights(p.l2, rank, 2))
+    megamoe.pre_dispatch(p.x, torch.tensor([[0, 0, 1]] * 4), p.topk_weights, buf)
+    errors["overflow"] = error_of(lambda: megamoe.mega_moe(torch.empty_like(p.x), l1, l2, buf))
+    # The group is still usable after all of these.
+    megamoe.pre_dispatch(p.x, p.topk_idx, p.topk_weights, buf)
+    y = torch.full_like(p.x, float("nan"))
+    megamoe.mega_moe(y, l1, l2, buf)
+    errors["after"] = "finite" if bool(torch.isfinite(y).all()) else "not finite"
+    return errors
+
+
+def test_disagreeing_ranks_raise_everywhere(tmp_path):
+    results = run_ranks(_disagreements, 2, workdir=tmp_path, env={"TRITON_INTERPRET": "0"})
+    for rank, errors in enumerate(results):
+        assert errors["hidden"].startswith("ValueError") and "hidden (rank 0: 64, rank 1: 96)" in errors["hidden"]
+        assert "mode (rank 0: 'fp8xfp4', rank 1: 'bf16xbf16')" in errors["mode"]
+        assert "max_tokens_per_rank (rank 0: 4, rank 1: an invalid value)" in errors["invalid"]
+        assert errors["symm"].startswith("NotImplementedError") and "symmetric-memory" in errors["symm"]
+        assert errors["overflow"].startswith("ValueError") and "rank 0 would receive 24 rows" in errors["overflow"]
+        assert errors["after"] == "finite", f"rank {rank}"
+
+
+TIMEOUT_S = 2
+
+
+def _missing_rank(rank, num_ranks, group, where):
+    """Worker: rank 1 never reaches the collective `where`; rank 0 reports what it raised."""
+    os.environ["MEGAMOE_TIMEOUT_S"] = str(TIMEOUT_S)
+    if rank == 1:
+        if where == "mega_moe":
+            megamoe.MegaMoEBuffer(4, 4, 2, 64, 32, group=group, device="cpu")
+        time.sleep(TIMEOUT_S + 4)   # alive but absent: the others must time out, not see a closed socket
+        return None
+    buf = None
+    start = time.monotonic()
+    try:
+        buf = megamoe.MegaMoEBuffer(4, 4, 2, 64, 32, group=group, device="cpu")
+        p = make_problem(MoEShape("m", 4, 2, 64, 32), 3, seed=0)
+        l1, l2 = megamoe.transform_weights(_local_weights(p.l1, 0, 2), _local_weights(p.l2, 0, 2))
+        megamoe.pre_dispatch(p.x, p.topk_idx, p.topk_weights, buf)
+        megamoe.mega_moe(torch.empty_like(p.x), l1, l2, buf)
+    except TimeoutError as err:
+        return {"error": str(err), "seconds": time.monotonic() - start, "built": buf is not None}
+    return {"error": "no error"}
+
+
+@pytest.mark.parametrize("where", ["constructor", "mega_moe"])
+def test_missing_rank_times_out(where, tmp_path):
+    result = run_ranks(_missing_rank, 2, where, workdir=tmp_path, env={"TRITON_INTERPRET": "0"})[0]
+    assert "MEGAMOE_TIMEOUT_S" in result["error"]
+    assert result["built"] == (where == "mega_moe")
+    assert TIMEOUT_S <= result["seconds"] < TIMEOUT_S + 3
+
+
+# ------------------------------------------------------------------ one process
+
+@pytest.fixture
+def one_rank_group():
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_nccl_backend_equals_local(one_rank_group):
+    """backend="nccl" on a group of one rank runs every step (sort, pack, exchange, return)."""
+    case = EPCase((13,), masked=0.2)
+    p = _global_problem(case)
+    l1, l2 = megamoe.transform_weights(p.l1, p.l2)
+    bad = p.topk_idx.clone()
+    bad[2, 1] = 99   # dropped and reported, as at EP = 1
+    ys = []
+    for group, backend in ((None, "auto"), (one_rank_group, "nccl")):
+        buf = megamoe.MegaMoEBuffer(8, case.capacity, 3, 64, 32, group=group, backend=backend, device="cpu")
+        megamoe.pre_dispatch(p.x, bad, p.topk_weights, buf, check_expert_ids=False)
+        y = torch.full_like(p.x, float("nan"))
+        megamoe.mega_moe(y, l1, l2, buf)
+        with pytest.raises(ValueError, match="1 expert id"):
+            buf.check_errors()
+        ys.append(y)
+    assert buf.backend.name == "nccl"
+    assert torch.equal(ys[0].view(torch.int16), ys[1].view(torch.int16))
+    # Send order: valid entries by destination (one rank here), (token, slot) order; masked last.
+    flat = bad.view(-1)
+    valid = (flat >= 0) & (flat < 8)
+    expected = torch.cat([valid.nonzero().flatten(), (~valid).nonzero().flatten()])
+    assert torch.equal(buf.send_entries[:flat.numel()], expected)
+    assert buf.count_matrix.tolist() == [[int(valid.sum())]]
+
+
+def test_backend_argument_checks(one_rank_group):
+    with pytest.raises(ValueError, match="backend: 'nccl' needs a process group"):
+        megamoe.MegaMoEBuffer(8, 4, 2, 64, 32, backend="nccl", device="cpu")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        megamoe.MegaMoEBuffer(8, 4, 2, 64, 32, backend="mpi", device="cpu")
+    with pytest.raises(TypeError, match="group: expected None or a torch.distributed.ProcessGroup"):
+        megamoe.MegaMoEBuffer(8, 4, 2, 64, 32, group="world", device="cpu")
+    with pytest.raises(NotImplementedError, match="symmetric-memory NVLink backend"):
+        megamoe.MegaMoEBuffer(8, 4, 2, 64, 32, group=one_rank_group, backend="symm", device="cpu")
+    assert megamoe.MegaMoEBuffer(8, 4, 2, 64, 32, group=one_rank_group, device="cpu").backend.name == "local"
+
+
+def test_no_rendezvous_during_capture(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA-graph capture"):
+        megamoe.MegaMoEBuffer(8, 4, 2, 64, 32, group="not even checked", device="cpu")
+
+
+def test_layout():
+    args = (256, 64, 6, 4096, 2048)
+    ep1 = buffer_layout(*args)
+    assert [r.name for r in ep1] == ["meta", "x", "x_sf", "topk_idx", "topk_weights", "combine", "expert_count",
+                                     "expert_offsets", "slot_rank", "sorted_rows", "inter", "inter_sf"]
+    ep8 = {r.name: r for r in buffer_layout(*args, num_ranks=8)}
+    record = 4096 + 4 * 32 + 8 + 8   # FP8 row, scale bytes, expert id, weight, padding to 16 bytes
+    assert ep8["send_rows"].shape == (64 * 6, 2 * 4096)
+    assert ep8["recv_rows"].shape == (8 * 64 * 6, record)
+    assert ep8["recv_out"].shape == (8 * 64 * 6, 4096)
+    assert ep8["count_matrix"].shape == (8, 8)
+    assert all(r.offset % 256 == 0 for r in ep8.values())
+    assert ep8["recv_rows"].shape[0] == ep8["sorted_rows"].shape[0]
+    with pytest.raises(NotImplementedError, match="symm"):
+        buffer_layout(*args, num_ranks=8, backend="symm")
+
+
+def test_info_command_with_ranks(capsys):
+    from megamoe.cli import main
+
+    assert main(["info", "--ranks", "4", "--tokens", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "4 rank(s)" in out and "recv_rows" in out and "send_rows" in out
+
+
+@pytest.mark.gpu
+def test_ep_on_gpus_with_nccl(tmp_path):
+    """The 2-rank cases through NCCL on 2 GPUs, against EP = 1 on GPU 0 (the compiled kernels)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    cases = [c for c in CASES if len(c.tokens) == 2]
+    ranks = run_ranks(_run_ep_cases, 2, cases, "cuda", workdir=tmp_path, backend="nccl")
+    for case in cases:
+        _check_against_ep1(case, ranks, "cuda:0")
