@@ -138,12 +138,14 @@ def test_reruns_are_bitwise_identical(device):
 
 
 @pytest.mark.parametrize("l1, l2", [
-    (GemmConfig(16, 32, 4, 2), GemmConfig(16, 16, 4, 2)),
-    (GemmConfig(32, 64, 4, 3), GemmConfig(64, 32, 4, 3)),
+    (GemmConfig(16, 32, 4, 4), GemmConfig(16, 64, 4, 4)),     # the GPU's decode tiles
+    (GemmConfig(16, 32, 4, 2), GemmConfig(16, 16, 4, 2, block_k=32)),
+    (GemmConfig(32, 64, 4, 3, block_k=32), GemmConfig(64, 32, 4, 3, block_k=128)),
 ])
-def test_every_tile_config_path(l1, l2, device):
-    """Several row tiles per expert, and column tiles narrower than one scale word."""
-    case = Case(160, 96, 4, 2, 40, 40, routing="skewed")
+@pytest.mark.parametrize("mode", ["fp8xfp4", "bf16xbf16"])
+def test_every_tile_config_path(l1, l2, mode, device):
+    """Several row tiles per expert, unrolled and partial K steps, narrow column tiles."""
+    case = Case(160, 96, 4, 2, 40, 40, routing="skewed", mode=mode)
     with force_config(l1=l1, l2=l2):
         p, _, _, y, _ = run_case(case, device)
     assert relative_error(y, reference(case, p)[0]) <= LAYER_KERNEL_VS_REFERENCE

@@ -44,25 +44,24 @@ def compile_kernel(fn, types, constexprs, num_warps, num_stages):
 
 
 NOT_DIVISIBLE = {"num_local_experts", "num_topk", "num_cols_tiles"}
-L1_TYPES = dict(a_ptr="*fp8e4nv", a_sf_ptr="*u8", topk_weights_ptr="*fp32", sorted_rows_ptr="*i32",
-                expert_offsets_ptr="*i32", w_ptr="*u8", w_sf_ptr="*u8", inter_ptr="*fp8e4nv", inter_sf_ptr="*u8",
-                clamp="fp32", bias_ptr="*fp32")
-L2_TYPES = dict(inter_ptr="*fp8e4nv", inter_sf_ptr="*u8", sorted_rows_ptr="*i32", expert_offsets_ptr="*i32",
-                w_ptr="*u8", w_sf_ptr="*u8", out_ptr="*bf16", topk_weights_ptr="*fp32", bias_ptr="*fp32")
+L1_TYPES = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", topk_weights_ptr="*fp32", sorted_rows_ptr="*i32",
+                expert_offsets_ptr="*i32", w_ptr="*u8", w_scale_ptr="*bf16", inter_ptr="*fp8e4nv",
+                inter_scale_ptr="*fp32", clamp="fp32", bias_ptr="*fp32")
+L2_TYPES = dict(inter_ptr="*fp8e4nv", inter_scale_ptr="*fp32", sorted_rows_ptr="*i32", expert_offsets_ptr="*i32",
+                w_ptr="*u8", w_scale_ptr="*bf16", out_ptr="*bf16", topk_weights_ptr="*fp32", bias_ptr="*fp32")
 
 
 def variants():
-    """The heuristic's configs for a v4-flash-like shape, decode and prefill, both main loops."""
-    for rows_per_expert, mx in ((1, True), (200, True), (1, False)):
+    """The heuristic's configs for a v4-flash-like shape, decode and prefill."""
+    for rows_per_expert in (1, 200):
         cfg = pick_config("l1", rows_per_expert * 256, 256)
         yield ("l1", cfg), _l1_swiglu_kernel, L1_TYPES, dict(
             QUANTIZED=True, HAS_CLAMP=False, INTER_SF_FP32=False, A_BY_TOKEN=True, HAS_BIAS=False, GPT_OSS=False,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False,
-            KSTEP=cfg.kstep, MX_LOOP=mx)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False)
         cfg = pick_config("l2", rows_per_expert * 256, 256)
         yield ("l2", cfg), _l2_kernel, L2_TYPES, dict(
-            QUANTIZED=True, INTER_SF_FP32=False, HAS_BIAS=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False, KSTEP=cfg.kstep, MX_LOOP=mx)
+            QUANTIZED=True, HAS_BIAS=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False)
 
 
 def main():
@@ -76,7 +75,7 @@ def main():
         k = compile_kernel(fn, types, constexprs, cfg.num_warps, cfg.num_stages)
         ptx = k.asm["ptx"]
         cubin = k.asm["cubin"]
-        tag = f"{name}_m{block_m}_{'mx' if constexprs['MX_LOOP'] else 'chunk64'}"
+        tag = f"{name}_m{block_m}"
         sass = ""
         if args.sass:
             os.makedirs(args.sass, exist_ok=True)

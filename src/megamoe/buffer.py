@@ -3,6 +3,9 @@
 Send side (this rank's own tokens; what peers read or write in expert parallelism):
     x             [C, H]          float8_e4m3fn (bfloat16 in bf16xbf16 mode)   C = max tokens per rank
     x_sf          [C, ceil(H/128)] int32, packed UE8M0 exponents (fp8 modes; [C, 0] otherwise)
+    x_scales      [H/32, C]       float32 2^(e-127) of each x_sf exponent, transposed: the
+                                  kernels load one group's scales for a tile of rows as one
+                                  contiguous, pipelineable vector (fp8 modes; [0, C] otherwise)
     topk_idx      [C, K]          int32, -1 = no expert (rows past num_tokens are all -1)
     topk_weights  [C, K]          float32, already multiplied by routed_scaling_factor
     combine       [C * K, H]      bfloat16: row t*K + k is slot k of token t after L2
@@ -15,7 +18,9 @@ Receive side (rows this rank's experts process), R = number of ranks, E_l = loca
     slot_rank     [R * C * K]     int32 position of each (rank, token, slot) within its expert
     sorted_rows   [N_recv]        int32 source (rank * C + token) * K + slot, in expert order
     inter         [N_recv, I]     float8_e4m3fn (bfloat16 in bf16xbf16 mode): SwiGLU output
-    inter_sf      [N_recv, ceil(I/32)] uint8 exponents, or float32 scales (intermediate_sf="fp32")
+    inter_scales  [I/32, N_recv]  float32 scale of each group of 32 of an `inter` row, transposed
+                                  like x_scales: 2^(e-127) for UE8M0 requant, or the FP32 scale
+                                  (intermediate_sf="fp32")
 
 N_recv = R * C * min(K, E_l): the most rows this rank can receive when a token's K slots name
 distinct experts.
@@ -33,6 +38,8 @@ layout has none of it). D = `DispatchRecord.nbytes`, the bytes of one dispatched
     recv_rows     [N_recv, D]     uint8 dispatch records received, grouped by source rank
     recv_expert   [N_recv]        int32 global expert id of each received row
     recv_weights  [N_recv]        float32 routing weight of each received row
+    recv_scales   [H/32, N_recv]  float32 scales of the received rows, transposed like x_scales
+                                  (from the records' UE8M0 bytes; fp8 modes; [0, N_recv] otherwise)
     recv_out      [N_recv, H]     bfloat16 expert output of each received row (L2), sent back
 
 All regions start on a 256-byte boundary.
@@ -153,11 +160,13 @@ def buffer_layout(num_experts: int, max_tokens_per_rank: int, num_topk: int, hid
     recv_rows = num_ranks * cap * min(k, local_experts)
     quantized = mode == "fp8xfp4"
     act = torch.float8_e4m3fn if quantized else torch.bfloat16
-    inter_sf = (recv_rows, intermediate // SCALE_GROUP if quantized else 0)
+    groups_h = hidden // SCALE_GROUP if quantized else 0
+    groups_i = intermediate // SCALE_GROUP if quantized else 0
     shapes = [
         ("meta", (META_WORDS,), torch.int32),
         ("x", (cap, hidden), act),
         ("x_sf", (cap, num_sf_words(hidden) if quantized else 0), torch.int32),
+        ("x_scales", (groups_h, cap), torch.float32),
         ("topk_idx", (cap, k), torch.int32),
         ("topk_weights", (cap, k), torch.float32),
         ("combine", (cap * k, hidden), torch.bfloat16),
@@ -166,7 +175,7 @@ def buffer_layout(num_experts: int, max_tokens_per_rank: int, num_topk: int, hid
         ("slot_rank", (num_ranks * cap * k,), torch.int32),
         ("sorted_rows", (recv_rows,), torch.int32),
         ("inter", (recv_rows, intermediate), act),
-        ("inter_sf", inter_sf, torch.float32 if intermediate_sf == "fp32" else torch.uint8),
+        ("inter_scales", (groups_i, recv_rows), torch.float32),
     ]
     if resolved == "nccl":
         record = dispatch_record(hidden, mode).nbytes
@@ -179,6 +188,7 @@ def buffer_layout(num_experts: int, max_tokens_per_rank: int, num_topk: int, hid
             ("recv_rows", (recv_rows, record), torch.uint8),
             ("recv_expert", (recv_rows,), torch.int32),
             ("recv_weights", (recv_rows,), torch.float32),
+            ("recv_scales", (groups_h, recv_rows), torch.float32),
             ("recv_out", (recv_rows, hidden), torch.bfloat16),
         ]
     regions, offset = [], 0

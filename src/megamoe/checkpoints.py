@@ -15,7 +15,8 @@ Each family's MoE block, as its config describes it (`moe_spec`) and as its chec
     qwen3_moe    gate.weight [E, H]                    experts.e.gate_proj / up_proj / down_proj .weight
                  softmax top-k, norm_topk_prob
     deepseek_v3  gate.weight [E, H],                   as qwen3_moe, optionally FP8 e4m3 with a
-                 gate.e_score_correction_bias [E]       `.weight_scale_inv` F32 per 128x128 block;
+                 gate.e_score_correction_bias [E]       `.weight_scale_inv` F32 per 128x128 block (the
+                                                        config's quantization_config.weight_block_size);
                  sigmoid, group-limited top-k,         shared_experts.gate_proj / up_proj / down_proj
                  routed_scaling_factor                  .weight: [S, H], [S, H], [H, S]
     gpt_oss      router.weight [E, H], router.bias [E] experts.gate_up_proj_blocks [E, 2I, H/32, 16] +
@@ -49,8 +50,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .formats import SCALE_GROUP, dequantize_mxfp4, quantize_mxfp4
-from .layer import GroupLimitedTopKRouter, MegaMoELayer, SoftmaxTopKRouter, SwiGLUMLP, TopKSoftmaxRouter
+from .formats import SCALE_GROUP, dequantize_mxfp4
+from .layer import (ExpertStack, GroupLimitedTopKRouter, MegaMoELayer, SoftmaxTopKRouter, SwiGLUMLP,
+                    TopKSoftmaxRouter, dense_experts)
 from .reference import GPT_OSS_ALPHA, check_mode
 
 FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss")
@@ -61,8 +63,6 @@ FP8 = "F8_E4M3"
 U8 = "U8"
 _TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, FP8: torch.float8_e4m3fn,
                  U8: torch.uint8}
-FP8_BLOCK = (128, 128)
-"""DeepSeek-V3's FP8 weight blocks (its config's quantization_config.weight_block_size)."""
 MXFP4_BLOCK_BYTES = SCALE_GROUP // 2
 """Bytes of one MXFP4 block of 32 elements: the last dim of gpt-oss's `*_blocks` tensors."""
 
@@ -79,6 +79,8 @@ class MoESpec:
     num_experts E, num_topk K, hidden H, intermediate I (per routed expert);
     router: "softmax_topk" (Mixtral, Qwen3-MoE), "group_limited" (DeepSeek-V3), "topk_softmax" (gpt-oss);
     shared_intermediate: S of the shared experts (0: none).
+    fp8_block: rows x columns sharing one scale in FP8 checkpoints (DeepSeek-V3's
+    quantization_config.weight_block_size).
     """
 
     family: str
@@ -94,13 +96,27 @@ class MoESpec:
     activation: str = "swiglu"
     activation_clamp: float | None = None
     shared_intermediate: int = 0
+    fp8_block: tuple[int, int] = (128, 128)
+
+
+_ALIASES = {
+    # transformers 5 saves some fields under other names than the published config.json files.
+    "num_experts": ("num_experts", "num_local_experts"),
+    "num_local_experts": ("num_local_experts", "num_experts"),
+    "n_routed_experts": ("n_routed_experts", "num_local_experts"),
+    "num_experts_per_tok": ("num_experts_per_tok", "experts_per_token"),
+}
 
 
 def _get(config, name: str, default=_REQUIRED):
-    value = config.get(name, default) if isinstance(config, dict) else getattr(config, name, default)
-    if value is _REQUIRED:
+    """A config field (a PretrainedConfig or a config.json dict), under any of its names."""
+    for alias in _ALIASES.get(name, (name,)):
+        value = config.get(alias, _REQUIRED) if isinstance(config, dict) else getattr(config, alias, _REQUIRED)
+        if value is not _REQUIRED:
+            return value
+    if default is _REQUIRED:
         raise ValueError(f"config: missing field {name!r}")
-    return value
+    return default
 
 
 def _family_of(config) -> str:
@@ -147,12 +163,16 @@ def moe_spec(config, family: str | None = None) -> MoESpec:
                 if value != expected:
                     raise ValueError(f"config: {name} {value!r} is not supported (expected {expected!r})")
             inter = int(_get(config, "moe_intermediate_size"))
+            quantization = _get(config, "quantization_config", None) or {}
+            block = quantization.get("weight_block_size") if isinstance(quantization, dict) else \
+                getattr(quantization, "weight_block_size", None)
             spec = MoESpec(family, int(_get(config, "n_routed_experts")), topk, hidden, inter, "group_limited",
                            renormalize=bool(_get(config, "norm_topk_prob", True)),
                            num_groups=int(_get(config, "n_group", None) or 1),
                            topk_groups=int(_get(config, "topk_group", None) or 1),
                            routed_scaling_factor=float(_get(config, "routed_scaling_factor", 1.0)),
-                           shared_intermediate=inter * int(_get(config, "n_shared_experts", None) or 0))
+                           shared_intermediate=inter * int(_get(config, "n_shared_experts", None) or 0),
+                           fp8_block=tuple(int(b) for b in block) if block else (128, 128))
     if spec.hidden % SCALE_GROUP or spec.intermediate % SCALE_GROUP:
         raise ValueError(f"config: hidden ({spec.hidden}) and intermediate ({spec.intermediate}) sizes must be "
                          f"multiples of {SCALE_GROUP}")
@@ -203,39 +223,6 @@ class ExpertTensors:
     l2: object
     l1_bias: torch.Tensor | None = None
     l2_bias: torch.Tensor | None = None
-
-
-class _ExpertStack:
-    """Fills [E, N, K] user-layout weights for `mode` one expert at a time."""
-
-    def __init__(self, mode: str, num_experts: int, n: int, k: int, device):
-        self.mode = mode
-        if mode == "fp8xfp4":
-            self.w_q = torch.empty(num_experts, n, k // 2, dtype=torch.uint8, device=device)
-            self.w_sf = torch.empty(num_experts, n, k // SCALE_GROUP, dtype=torch.uint8, device=device)
-        else:
-            self.w = torch.empty(num_experts, n, k, dtype=torch.bfloat16, device=device)
-
-    def put(self, expert: int, dense: torch.Tensor) -> None:
-        """dense: float [N, K] (any float dtype, any device)."""
-        if self.mode == "fp8xfp4":
-            dense = dense.to(self.w_q.device)
-            self.w_q[expert], self.w_sf[expert] = quantize_mxfp4(dense)
-        else:
-            self.w[expert] = dense.to(device=self.w.device, dtype=torch.bfloat16)
-
-    def result(self):
-        return (self.w_q, self.w_sf) if self.mode == "fp8xfp4" else self.w
-
-
-def dense_experts(w: torch.Tensor, mode: str, device=None):
-    """float [E, N, K] -> user-layout weights for `mode`, one expert at a time (no FP32 copy of
-    the whole tensor)."""
-    e, n, k = w.shape
-    stack = _ExpertStack(mode, e, n, k, device if device is not None else w.device)
-    for expert in range(e):
-        stack.put(expert, w[expert].detach())
-    return stack.result()
 
 
 def _deinterleave(num_rows: int, device) -> torch.Tensor:
@@ -289,7 +276,7 @@ def _experts_from_module(block: nn.Module, spec: MoESpec, mode: str) -> ExpertTe
         gate_up_bias = _param(block, "experts.gate_up_proj_bias", (e, 2 * i), "L1 bias, interleaved")
         down_bias = _param(block, "experts.down_proj_bias", (e, h), "L2 bias")
         rows = _deinterleave(2 * i, gate_up.device)
-        return ExpertTensors(dense_experts(gate_up.transpose(1, 2)[:, rows], mode),
+        return ExpertTensors(dense_experts(gate_up.transpose(1, 2), mode, rows=rows),
                              dense_experts(down.transpose(1, 2), mode),
                              gate_up_bias[:, rows].float(), down_bias.float())
     if isinstance(experts, nn.ModuleList):
@@ -298,7 +285,7 @@ def _experts_from_module(block: nn.Module, spec: MoESpec, mode: str) -> ExpertTe
             raise ValueError(f"{type(block).__name__}.experts: expected {e} experts, got {len(experts)}")
         names = ("w1", "w3", "w2") if spec.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
         device = _param(block, f"experts.0.{names[0]}.weight", (i, h), "expert 0 gate").device
-        l1, l2 = _ExpertStack(mode, e, 2 * i, h, device), _ExpertStack(mode, e, h, i, device)
+        l1, l2 = ExpertStack(mode, e, 2 * i, h, device), ExpertStack(mode, e, h, i, device)
         for expert in range(e):
             gate = _param(block, f"experts.{expert}.{names[0]}.weight", (i, h), f"expert {expert} gate")
             up = _param(block, f"experts.{expert}.{names[1]}.weight", (i, h), f"expert {expert} up")
@@ -462,18 +449,18 @@ class SafetensorsCheckpoint:
                              f"got {list(got_shape)}")
         return self._handle(file).get_tensor(name)
 
-    def get_dense(self, name: str, shape, what: str, allow_fp8: bool = False) -> torch.Tensor:
-        """A dense weight [N, K] as float32: BF16 / F16 / F32, or with `allow_fp8` DeepSeek's
-        FP8 e4m3 weight times its `<name>_scale_inv` (F32 [ceil(N/128), ceil(K/128)])."""
-        dtypes = DENSE + ((FP8,) if allow_fp8 else ())
+    def get_dense(self, name: str, shape, what: str, fp8_block: tuple[int, int] | None = None) -> torch.Tensor:
+        """A dense weight [N, K] as float32: BF16 / F16 / F32, or, when `fp8_block` (bn, bk) is
+        given, FP8 e4m3 times its `<name>_scale_inv` (F32 [ceil(N/bn), ceil(K/bk)], one scale per
+        bn x bk block, DeepSeek-V3's form)."""
+        dtypes = DENSE + ((FP8,) if fp8_block else ())
         w = self.get(name, shape, dtypes, what)
         if w.dtype != torch.float8_e4m3fn:
             return w.float()
-        n, k = shape
-        blocks = (-(-n // FP8_BLOCK[0]), -(-k // FP8_BLOCK[1]))
-        scale_name = name + "_scale_inv"
-        scale = self.get(scale_name, blocks, ("F32",), f"{what}: FP8 scales per {FP8_BLOCK[0]}x{FP8_BLOCK[1]} block")
-        scale = scale.repeat_interleave(FP8_BLOCK[0], 0)[:n].repeat_interleave(FP8_BLOCK[1], 1)[:, :k]
+        (n, k), (bn, bk) = shape, fp8_block
+        scale = self.get(name + "_scale_inv", (-(-n // bn), -(-k // bk)), ("F32",),
+                         f"{what}: FP8 scales per {bn}x{bk} block")
+        scale = scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
         return w.float() * scale
 
     def close(self) -> None:
@@ -496,16 +483,16 @@ def _experts_from_checkpoint(ckpt: SafetensorsCheckpoint, prefix: str, spec: MoE
                                  mxfp4_experts(*(t.to(device) for t in l2), mode), *biases)
         gate_up = ckpt.get(p + "gate_up_proj", (e, h, 2 * i), DENSE, "L1, x @ W, gate/up columns interleaved")
         down = ckpt.get(p + "down_proj", (e, i, h), DENSE, "L2, x @ W")
-        return ExpertTensors(dense_experts(gate_up.to(device).transpose(1, 2)[:, rows], mode),
-                             dense_experts(down.to(device).transpose(1, 2), mode), *biases)
+        return ExpertTensors(dense_experts(gate_up.transpose(1, 2), mode, device, rows),
+                             dense_experts(down.transpose(1, 2), mode, device), *biases)
     if p + "gate_up_proj" in ckpt:
         gate_up = ckpt.get(p + "gate_up_proj", (e, 2 * i, h), DENSE, "L1, gate rows then up rows")
         down = ckpt.get(p + "down_proj", (e, h, i), DENSE, "L2")
         return ExpertTensors(dense_experts(gate_up, mode, device), dense_experts(down, mode, device))
     names = ("w1", "w3", "w2") if spec.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-    fp8 = spec.family == "deepseek_v3"
-    l1 = _ExpertStack(mode, e, 2 * i, h, device)
-    l2 = _ExpertStack(mode, e, h, i, device)
+    fp8 = spec.fp8_block if spec.family == "deepseek_v3" else None
+    l1 = ExpertStack(mode, e, 2 * i, h, device)
+    l2 = ExpertStack(mode, e, h, i, device)
     for expert in range(e):
         q = f"{p}{expert}."
         gate = ckpt.get_dense(q + names[0] + ".weight", (i, h), f"expert {expert} gate projection", fp8)
@@ -558,7 +545,7 @@ def load_moe_layer(checkpoint, prefix: str, config=None, *, mode: str = "fp8xfp4
     if spec.shared_intermediate:
         s = spec.shared_intermediate
         q = prefix + "shared_experts."
-        parts = {name: ckpt.get_dense(q + name + ".weight", shape, f"shared experts {name}", allow_fp8=True)
+        parts = {name: ckpt.get_dense(q + name + ".weight", shape, f"shared experts {name}", spec.fp8_block)
                  for name, shape in (("gate_proj", (s, h)), ("up_proj", (s, h)), ("down_proj", (h, s)))}
         dtype = ckpt.info(q + "gate_proj.weight")[1]
         shared = SwiGLUMLP(h, s, dtype=_TORCH_DTYPES[dtype] if dtype in DENSE else torch.bfloat16, device=device)

@@ -19,7 +19,7 @@ import torch
 import triton
 
 from . import env
-from .formats import dequantize_fp8
+from .formats import ue8m0_to_float
 from .kernels.config import pick_config
 from .kernels.l1_swiglu import _l1_swiglu_kernel
 from .kernels.l2 import _l2_kernel
@@ -40,19 +40,29 @@ def _num_tiles_bound(num_rows: int, num_experts: int, block_m: int) -> int:
 
 
 def run_experts(buf, routing: torch.Tensor, num_entries: int, entries_per_row: int, a: torch.Tensor,
-                a_sf: torch.Tensor | None, route_weights: torch.Tensor, out: torch.Tensor, l1: ExpertWeights,
+                a_scales: torch.Tensor | None, route_weights: torch.Tensor, out: torch.Tensor, l1: ExpertWeights,
                 l2: ExpertWeights, opts: ExpertOptions, recv_stats: torch.Tensor | None) -> None:
     """Launch plan, L1 and L2 for `num_entries` entries (see the module docstring).
 
     routing:       int32 [>= num_entries] global expert ids; ids of other ranks are skipped.
     a:             [rows, H] float8_e4m3fn (bfloat16 in bf16xbf16 mode) activation rows.
-    a_sf:          uint8 [rows, >= ceil(H/32)] UE8M0 exponent bytes of `a` (fp8 modes).
+    a_scales:      float32 [H/32, >= rows] scale of each group of 32 of each row, transposed
+                   (like buf.x_scales; `transpose_scales` makes it from UE8M0 bytes); fp8 modes.
     route_weights: float32 [>= num_entries] routing weight of each entry.
     out:           bfloat16 [>= num_entries, H]; rows of skipped entries are not written.
     """
     plan(routing, num_entries, buf, recv_stats)
-    launch_l1(buf, num_entries, entries_per_row, a, a_sf, route_weights, l1, opts)
+    launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts)
     launch_l2(buf, num_entries, route_weights, out, l2)
+
+
+def transpose_scales(sf_bytes: torch.Tensor, rows: int, groups: int, out: torch.Tensor) -> torch.Tensor:
+    """UE8M0 exponent bytes [>= rows, >= groups] -> out[:groups, :rows] = 2^(e-127), float32.
+
+    For backends that receive rows with their packed scales; returns `out`. No host sync.
+    """
+    out[:groups, :rows] = ue8m0_to_float(sf_bytes[:rows, :groups]).T
+    return out
 
 
 # In Triton's interpreter bf16 tiles are multiplied in fp32 (its bf16 dot is broken) and MXFP4
@@ -61,13 +71,11 @@ def _upcast() -> bool:
     return env.triton_interpret()
 
 
-def launch_l1(buf, num_entries, entries_per_row, a, a_sf, route_weights, l1: ExpertWeights,
+def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1: ExpertWeights,
               opts: ExpertOptions) -> None:
-    """L1 + activation + requant of the planned rows into buf.inter / buf.inter_sf."""
+    """L1 + activation + requant of the planned rows into buf.inter / buf.inter_scales."""
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
-    a_sf = a_sf if quantized else a
-    inter_sf = buf.inter_sf if quantized else buf.inter
     # bf16xbf16 has no weight scales and a layer may have no bias: the kernel never reads
     # these placeholder pointers then.
     placeholder = l1.w
@@ -75,19 +83,20 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_sf, route_weights, l1: Exp
     col_tiles = triton.cdiv(inter, cfg.block_n)
     grid = (_num_tiles_bound(num_entries, experts, cfg.block_m) * col_tiles,)
     w_sf = l1.w_sf if quantized else placeholder
+    a_scales = a_scales if quantized else placeholder
     _l1_swiglu_kernel[grid](
-        a, a_sf, a.stride(0), a_sf.stride(0),
+        a, a_scales, a.stride(0), a_scales.stride(0),
         route_weights, buf.sorted_rows, buf.expert_offsets,
         l1.w, w_sf, l1.w.stride(0), l1.w.stride(1), w_sf.stride(0), w_sf.stride(1),
         l1.bias if l1.bias is not None else placeholder,
-        buf.inter, inter_sf,
+        buf.inter, buf.inter_scales, buf.inter_scales.stride(0),
         hidden, inter, experts, entries_per_row, col_tiles,
         float(opts.activation_clamp) if opts.activation_clamp is not None else 0.0,
         QUANTIZED=quantized, HAS_CLAMP=opts.activation_clamp is not None,
         INTER_SF_FP32=buf.intermediate_sf == "fp32", A_BY_TOKEN=True,
         HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(), KSTEP=cfg.kstep, MX_LOOP=l1.layout == "mx",
+        UPCAST=_upcast(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -96,20 +105,19 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights) -> None:
     """L2 (+ bias) of the planned rows from buf.inter into `out`, one BF16 row per entry."""
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
-    inter_sf = buf.inter_sf if quantized else buf.inter
     placeholder = l2.w
     cfg = pick_config("l2", num_entries, experts)
     col_tiles = triton.cdiv(hidden, cfg.block_n)
     grid = (_num_tiles_bound(num_entries, experts, cfg.block_m) * col_tiles,)
     w_sf = l2.w_sf if quantized else placeholder
     _l2_kernel[grid](
-        buf.inter, inter_sf, buf.sorted_rows, buf.expert_offsets, route_weights,
+        buf.inter, buf.inter_scales, buf.inter_scales.stride(0), buf.sorted_rows, buf.expert_offsets, route_weights,
         l2.w, w_sf, l2.w.stride(0), l2.w.stride(1), w_sf.stride(0), w_sf.stride(1),
         l2.bias if l2.bias is not None else placeholder,
         out, hidden, inter, experts, col_tiles,
-        QUANTIZED=quantized, INTER_SF_FP32=buf.intermediate_sf == "fp32", HAS_BIAS=l2.bias is not None,
+        QUANTIZED=quantized, HAS_BIAS=l2.bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(), KSTEP=cfg.kstep, MX_LOOP=l2.layout == "mx",
+        UPCAST=_upcast(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -118,7 +126,7 @@ def _round_bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
 
-def run_experts_torch(buf, routing, num_entries, entries_per_row, a, a_sf, route_weights, out, l1, l2,
+def run_experts_torch(buf, routing, num_entries, entries_per_row, a, a_scales, route_weights, out, l1, l2,
                       opts: ExpertOptions, recv_stats) -> None:
     """`run_experts` in plain torch with FP32 arithmetic and the kernels' rounding steps."""
     inter = buf.intermediate
@@ -127,9 +135,8 @@ def run_experts_torch(buf, routing, num_entries, entries_per_row, a, a_sf, route
     rows = num_entries // entries_per_row
     if buf.mode == "fp8xfp4":
         groups = buf.hidden // 32
-        words = -(-groups // 4)
-        sf_words = a_sf[:rows, : 4 * words].contiguous().view(torch.int32)
-        x = dequantize_fp8(a[:rows], sf_words)
+        scale = a_scales[:groups, :rows].T.repeat_interleave(32, dim=1)
+        x = a[:rows].float() * scale
     else:
         x = a[:rows].float()
     counts = torch.zeros(buf.num_local_experts, dtype=torch.int32, device=out.device)

@@ -253,6 +253,11 @@ class BufferPool:
     def nbytes(self) -> int:
         return sum(buf.nbytes for buf in self._buffers.values())
 
+    def __deepcopy__(self, memo) -> "BufferPool":
+        # Buffers hold nothing between calls: a copied model gets a fresh pool (allocated at its
+        # first forward), shared by its layers as the original's is (deepcopy's memo sees to that).
+        return BufferPool()
+
     def destroy(self) -> None:
         """Free every buffer; the next forward of a layer that uses this pool allocates anew."""
         for buf in self._buffers.values():
@@ -260,15 +265,44 @@ class BufferPool:
         self._buffers.clear()
 
 
-def _quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float [E, N, K] -> MXFP4 (uint8 [E, N, K/2], uint8 [E, N, K/32]), one expert at a time so
-    that a whole layer never needs an FP32 copy."""
+class ExpertStack:
+    """Builds one projection of E experts in user layout, one dense expert at a time.
+
+    fp8xfp4: `put` quantizes each float [N, K] to MXFP4 and `result` is (uint8 [E, N, K/2],
+    uint8 [E, N, K/32]); bf16xbf16: `result` is bfloat16 [E, N, K]. Allocated on `device`.
+    """
+
+    def __init__(self, mode: str, num_experts: int, n: int, k: int, device):
+        self.mode = mode
+        if mode == "fp8xfp4":
+            self.w_q = torch.empty(num_experts, n, k // 2, dtype=torch.uint8, device=device)
+            self.w_sf = torch.empty(num_experts, n, k // SCALE_GROUP, dtype=torch.uint8, device=device)
+        else:
+            self.w = torch.empty(num_experts, n, k, dtype=torch.bfloat16, device=device)
+
+    def put(self, expert: int, dense: torch.Tensor) -> None:
+        """dense: float [N, K] (any float dtype, any device)."""
+        if self.mode == "fp8xfp4":
+            dense = dense.to(self.w_q.device)
+            self.w_q[expert], self.w_sf[expert] = quantize_mxfp4(dense)
+        else:
+            self.w[expert] = dense.to(device=self.w.device, dtype=torch.bfloat16)
+
+    def result(self):
+        return (self.w_q, self.w_sf) if self.mode == "fp8xfp4" else self.w
+
+
+def dense_experts(w: torch.Tensor, mode: str, device=None, rows: torch.Tensor | None = None):
+    """float [E, N, K] (any strides) -> user-layout weights for `mode` on `device` (default: w's),
+    rows reordered by `rows` when given. One expert at a time: no copy of the whole tensor, in
+    FP32 or otherwise, is ever made."""
     e, n, k = w.shape
-    w_q = torch.empty(e, n, k // 2, dtype=torch.uint8, device=w.device)
-    w_sf = torch.empty(e, n, k // SCALE_GROUP, dtype=torch.uint8, device=w.device)
+    device = device if device is not None else w.device
+    stack = ExpertStack(mode, e, n, k, device)
     for expert in range(e):
-        w_q[expert], w_sf[expert] = quantize_mxfp4(w[expert])
-    return w_q, w_sf
+        one = w[expert].detach().to(device)
+        stack.put(expert, one if rows is None else one[rows.to(device)])
+    return stack.result()
 
 
 def prepare_expert_weights(weights, mode: str, name: str):
@@ -285,9 +319,7 @@ def prepare_expert_weights(weights, mode: str, name: str):
             raise ValueError(f"{name}: expected a tensor [E, N, K], got shape {tuple(weights.shape)}")
         if weights.shape[2] % SCALE_GROUP:
             raise ValueError(f"{name}: K must be a multiple of {SCALE_GROUP}, got shape {tuple(weights.shape)}")
-        if mode == "fp8xfp4":
-            return _quantize_experts(weights.detach())
-        return weights.detach().to(torch.bfloat16)
+        return dense_experts(weights, mode)
     if mode == "bf16xbf16" and isinstance(weights, (tuple, list)):
         raise TypeError(f"{name}: bf16xbf16 mode takes a float tensor [E, N, K]; dequantize the MXFP4 pair first "
                         "(megamoe.dequantize_mxfp4, exact)")
@@ -401,8 +433,12 @@ class MegaMoELayer(nn.Module):
             x = x.to(torch.bfloat16)
         if x.stride(-1) != 1:
             x = x.contiguous()
-        topk_idx, topk_weights = topk_idx.contiguous(), topk_weights.contiguous()
         tokens, chunk = x.shape[0], self.max_tokens_per_call
+        for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (tokens, self.num_topk):
+                raise ValueError(f"{name}: expected a tensor [{tokens}, {self.num_topk}], got "
+                                 f"{tuple(getattr(t, 'shape', ())) or type(t).__name__}")
+        topk_idx, topk_weights = topk_idx.contiguous(), topk_weights.contiguous()
         y = torch.empty(tokens, self.hidden, dtype=torch.bfloat16, device=x.device)
         if tokens == 0:
             return y
@@ -418,9 +454,7 @@ class MegaMoELayer(nn.Module):
                          activation=self.activation)
         return y
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        # *args / **kwargs: some decoder layers pass extra arguments (e.g. input_ids) to their
-        # MoE block; the routers here do not use them.
+    def forward(self, hidden_states: torch.Tensor):
         if not isinstance(hidden_states, torch.Tensor) or not hidden_states.dtype.is_floating_point:
             raise TypeError(f"hidden_states: expected a floating-point tensor [..., {self.hidden}], got "
                             f"{getattr(hidden_states, 'dtype', type(hidden_states))}")

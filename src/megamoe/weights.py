@@ -5,16 +5,16 @@ User layout (DESIGN.md section 2), per rank's local experts E_l:
                L2 (uint8 [E_l, H, I/2], uint8 [E_l, H, I/32]). Element 2i in the low nibble.
     bf16xbf16: L1 bfloat16 [E_l, 2I, H], L2 bfloat16 [E_l, H, I].
 
-Kernel layouts (`ExpertWeights`), fp8xfp4:
-  layout "mx" (default): the user layout, contiguous: w uint8 [E_l, N, K/2], w_sf uint8
-    [E_l, N, K/32]; the kernels multiply it with `tl.dot_scaled`.
-  layout "chunk64": for the FP8-MMA main loop with a promotion per scale group.
+Kernel layout (`ExpertWeights`), fp8xfp4:
     w    uint8 [E_l, N, KP/2]   KP = K rounded up to 64. K is cut into chunks of 64; byte j of
                                 chunk c holds element 64c + j in its low nibble and element
                                 64c + 32 + j in its high nibble, so the two nibbles of a tile
                                 of bytes decode to two whole scale groups with no shuffling.
-    w_sf uint8 [E_l, KP/32, N]  exponents transposed so that one group's scales for a tile of
-                                N rows are contiguous; padding groups hold 127.
+    w_sf bf16 [E_l, KP/32, N]   each group's scale 2^(e-127) (exact in BF16), transposed so that
+                                one group's scales for a tile of N rows are one contiguous vector
+                                of at least 4 bytes per thread: the GPU copies it asynchronously
+                                ahead of use like the codes (single bytes cannot be). Costs 1
+                                byte per 32 weights over the 17 of MXFP4. Padding groups hold 1.
 bf16xbf16: w is the user tensor (contiguous), w_sf is None.
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .formats import SCALE_GROUP, UE8M0_PAD, check_mxfp4, dequantize_mxfp4, e2m1_lut, ue8m0_to_float
+from .formats import SCALE_GROUP, check_mxfp4, e2m1_lut, ue8m0_to_float
 from .reference import check_bias, check_mode
 
 CHUNK = 64
@@ -42,7 +42,6 @@ class ExpertWeights:
     n: int
     k: int
     bias: torch.Tensor | None = None   # float32 [E_l, N], added to the FP32 output
-    layout: str = "mx"                  # fp8xfp4: "mx" or "chunk64" (module docstring)
 
     @property
     def device(self) -> torch.device:
@@ -56,14 +55,12 @@ class ExpertWeights:
         """float32 [N, K]: the values of one expert's matrix (the CPU path and tests use this)."""
         if self.mode != "fp8xfp4":
             return self.w[expert].float()
-        if self.layout == "mx":
-            return dequantize_mxfp4(self.w[expert], self.w_sf[expert])
         packed = self.w[expert]
         n, half_kp = packed.shape
         chunks = packed.view(n, half_kp // (CHUNK // 2), 1, CHUNK // 2)
         codes = torch.cat([chunks & 0xF, chunks >> 4], dim=2).reshape(n, 2 * half_kp)
         values = e2m1_lut(packed.device)[codes.long()].view(n, -1, SCALE_GROUP)
-        scales = ue8m0_to_float(self.w_sf[expert].transpose(0, 1)).unsqueeze(-1)
+        scales = self.w_sf[expert].transpose(0, 1).float().unsqueeze(-1)
         return (values * scales).reshape(n, -1)[:, : self.k]
 
 
@@ -76,15 +73,12 @@ def _pack_chunks(w_q: torch.Tensor, w_sf: torch.Tensor) -> tuple[torch.Tensor, t
     codes[..., 1:k:2] = w_q >> 4
     chunks = codes.view(e, n, kp // CHUNK, 2, CHUNK // 2)
     packed = (chunks[..., 0, :] | (chunks[..., 1, :] << 4)).reshape(e, n, kp // 2)
-    scales = torch.full((e, kp // SCALE_GROUP, n), UE8M0_PAD, dtype=torch.uint8, device=w_sf.device)
-    scales[:, : k // SCALE_GROUP, :] = w_sf.transpose(1, 2)
+    scales = torch.ones((e, kp // SCALE_GROUP, n), dtype=torch.bfloat16, device=w_sf.device)
+    scales[:, : k // SCALE_GROUP, :] = ue8m0_to_float(w_sf.transpose(1, 2)).bfloat16()
     return packed.contiguous(), scales
 
 
-LAYOUTS = ("mx", "chunk64")
-
-
-def _transform_one(weights, mode: str, name: str, layout: str) -> ExpertWeights:
+def _transform_one(weights, mode: str, name: str) -> ExpertWeights:
     if mode == "fp8xfp4":
         if not (isinstance(weights, (tuple, list)) and len(weights) == 2):
             raise TypeError(f"{name}: in fp8xfp4 mode expected a pair (w_q, w_sf) of uint8 tensors")
@@ -92,11 +86,8 @@ def _transform_one(weights, mode: str, name: str, layout: str) -> ExpertWeights:
         check_mxfp4(name, w_q, w_sf)
         if w_q.dim() != 3:
             raise ValueError(f"{name}: expected w_q of shape [E, N, K/2], got {tuple(w_q.shape)}")
-        e, n, k = w_q.shape[0], w_q.shape[1], 2 * w_q.shape[2]
-        if layout == "mx":
-            return ExpertWeights(mode, w_q.contiguous(), w_sf.contiguous(), e, n, k, layout=layout)
         packed, scales = _pack_chunks(w_q, w_sf)
-        return ExpertWeights(mode, packed, scales, e, n, k, layout=layout)
+        return ExpertWeights(mode, packed, scales, w_q.shape[0], w_q.shape[1], 2 * w_q.shape[2])
     if not isinstance(weights, torch.Tensor) or weights.dtype != torch.bfloat16 or weights.dim() != 3:
         raise TypeError(f"{name}: in bf16xbf16 mode expected a bfloat16 tensor [E, N, K], got "
                         f"{getattr(weights, 'dtype', type(weights))} {tuple(getattr(weights, 'shape', ()))}")
@@ -107,7 +98,7 @@ def _transform_one(weights, mode: str, name: str, layout: str) -> ExpertWeights:
 
 
 def transform_weights(l1_weights, l2_weights, mode: str = "fp8xfp4", *, l1_bias: torch.Tensor | None = None,
-                      l2_bias: torch.Tensor | None = None, layout: str = "mx") -> tuple[ExpertWeights, ExpertWeights]:
+                      l2_bias: torch.Tensor | None = None) -> tuple[ExpertWeights, ExpertWeights]:
     """User-layout L1 / L2 expert weights (module docstring) -> (l1, l2) for `mega_moe`.
 
     L1 is [E_l, 2I, H] (gate rows 0..I-1, up rows I..2I-1), L2 is [E_l, H, I], in the packed
@@ -115,10 +106,8 @@ def transform_weights(l1_weights, l2_weights, mode: str = "fp8xfp4", *, l1_bias:
     kept as float32). Raises TypeError / ValueError naming the tensor on any mismatch.
     """
     check_mode(mode)
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    l1 = _transform_one(l1_weights, mode, "l1_weights", layout)
-    l2 = _transform_one(l2_weights, mode, "l2_weights", layout)
+    l1 = _transform_one(l1_weights, mode, "l1_weights")
+    l2 = _transform_one(l2_weights, mode, "l2_weights")
     check_bias("l1_bias", l1_bias, l1.num_experts, l1.n, l1.device)
     check_bias("l2_bias", l2_bias, l2.num_experts, l2.n, l2.device)
     if l1_bias is not None:

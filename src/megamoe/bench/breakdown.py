@@ -24,19 +24,17 @@ from ..reference import mega_moe_reference
 from ..weights import transform_weights
 from .timing import time_graph
 
-# name: (weight layout, forced configs); {} = the heuristic.
+# name: forced configs; {} = the heuristic.
 VARIANTS = {
-    "default": ("mx", {}),
-    "c64": ("chunk64", {}),
-    "c64n32": ("chunk64", dict(l1=GemmConfig(16, 32, 4, 4, kstep=4), l2=GemmConfig(16, 64, 4, 4, kstep=4))),
-    "n32": ("mx", dict(l1=GemmConfig(16, 32, 4, 4), l2=GemmConfig(16, 64, 4, 4))),
-    "n32k256": ("mx", dict(l1=GemmConfig(16, 32, 4, 3, block_k=256), l2=GemmConfig(16, 64, 4, 3, block_k=256))),
-    "n64k256": ("mx", dict(l1=GemmConfig(16, 64, 4, 3, block_k=256), l2=GemmConfig(16, 128, 4, 3, block_k=256))),
-    "n16": ("mx", dict(l1=GemmConfig(16, 32, 4, 4), l2=GemmConfig(16, 32, 4, 4))),
-    "m32": ("mx", dict(l1=GemmConfig(32, 32, 4, 4), l2=GemmConfig(32, 64, 4, 4))),
-    "m64": ("mx", dict(l1=GemmConfig(64, 64, 4, 3), l2=GemmConfig(64, 128, 4, 3))),
-    "m128": ("mx", dict(l1=GemmConfig(128, 64, 8, 3), l2=GemmConfig(128, 128, 8, 3))),
-    "m128n128": ("mx", dict(l1=GemmConfig(128, 128, 8, 3), l2=GemmConfig(128, 256, 8, 3))),
+    "default": {},
+    "n32": dict(l1=GemmConfig(16, 32, 4, 4), l2=GemmConfig(16, 64, 4, 4)),
+    "n64": dict(l1=GemmConfig(16, 64, 4, 4), l2=GemmConfig(16, 128, 4, 4)),
+    "n16": dict(l1=GemmConfig(16, 32, 4, 4), l2=GemmConfig(16, 32, 4, 4)),
+    "s2": dict(l1=GemmConfig(16, 32, 4, 2), l2=GemmConfig(16, 64, 4, 2)),
+    "m32": dict(l1=GemmConfig(32, 32, 4, 4), l2=GemmConfig(32, 64, 4, 4)),
+    "m64": dict(l1=GemmConfig(64, 64, 4, 3), l2=GemmConfig(64, 128, 4, 3)),
+    "m64w8": dict(l1=GemmConfig(64, 64, 8, 3), l2=GemmConfig(64, 128, 8, 3)),
+    "m128": dict(l1=GemmConfig(128, 64, 8, 3), l2=GemmConfig(128, 128, 8, 3)),
 }
 
 STAGES = ("pre_dispatch", "plan", "l1", "l2", "combine")
@@ -46,8 +44,7 @@ def breakdown(shape_name: str, tokens_list, variants, n_sets: int = 4, log=print
     shape = MODEL_SHAPES[shape_name]
     device = torch.device("cuda")
     problem = make_problem(shape, 1, device=device, seed=0)
-    layouts = {layout: transform_weights(problem.l1, problem.l2, layout=layout)
-               for layout in {VARIANTS[v][0] for v in variants}}
+    l1, l2 = transform_weights(problem.l1, problem.l2)
     buf = MegaMoEBuffer(shape.num_experts, max(tokens_list), shape.num_topk, shape.hidden, shape.intermediate)
     opts = ExpertOptions()
     g = torch.Generator(device=device).manual_seed(7)
@@ -60,27 +57,24 @@ def breakdown(shape_name: str, tokens_list, variants, n_sets: int = 4, log=print
             idx, w = make_routing(tokens, shape.num_experts, k, generator=g)
             sets.append((x, idx, w, torch.empty_like(x)))
 
-        def call(s, upto, l1, l2):
+        def call(s, upto):
             x, idx, w, y = s
             pre_dispatch(x, idx, w, buf)
             if upto >= 1:
                 plan(buf.topk_idx.view(-1), tokens * k, buf, None)
             if upto >= 2:
-                launch_l1(buf, tokens * k, k, buf.x, buf.x_sf.view(torch.uint8), buf.topk_weights.view(-1), l1, opts)
+                launch_l1(buf, tokens * k, k, buf.x, buf.x_scales, buf.topk_weights.view(-1), l1, opts)
             if upto >= 3:
                 launch_l2(buf, tokens * k, buf.topk_weights.view(-1), buf.combine, l2)
             if upto >= 4:
                 combine(buf.combine, buf.topk_idx, y, buf.num_experts)
 
         for name in variants:
-            layout, configs = VARIANTS[name]
-            l1, l2 = layouts[layout]
-            with force_config(**configs):
+            with force_config(**VARIANTS[name]):
                 x, idx, w, y = sets[0]
-                call(sets[0], 4, l1, l2)
+                call(sets[0], 4)
                 err = relative_error(y, mega_moe_reference(x, idx, w, problem.l1, problem.l2))
-                cumulative = [time_graph([lambda s=s, u=upto: call(s, u, l1, l2) for s in sets])
-                              for upto in range(5)]
+                cumulative = [time_graph([lambda s=s, u=upto: call(s, u) for s in sets]) for upto in range(5)]
             stages = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:])]
             row = dict(shape=shape_name, tokens=tokens, variant=name, total_us=cumulative[-1], rel_err=err,
                        **{f"{s}_us": v for s, v in zip(STAGES, stages)})

@@ -18,7 +18,7 @@ class LocalBackend:
             return
         k = buf.num_topk
         run = run_experts if use_triton(buf.device) else run_experts_torch
-        sf = buf.x_sf.view(torch.uint8) if buf.mode == "fp8xfp4" else None
-        run(buf, buf.topk_idx.view(-1), tokens * k, k, buf.x, sf, buf.topk_weights.view(-1), buf.combine,
+        scales = buf.x_scales if buf.mode == "fp8xfp4" else None
+        run(buf, buf.topk_idx.view(-1), tokens * k, k, buf.x, scales, buf.topk_weights.view(-1), buf.combine,
             l1, l2, opts, recv_stats)
         combine(buf.combine, buf.topk_idx, y, buf.num_experts)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+from .. import env
+
 
 @dataclass(frozen=True)
 class GemmConfig:
@@ -18,16 +20,14 @@ class GemmConfig:
     block_n: int      # output columns per tile (L1: intermediate columns, so 2x weight rows)
     num_warps: int
     num_stages: int
-    block_k: int = 128  # K per loop step of the bf16xbf16 and the "mx" layout loops
-    kstep: int = 4     # fp8xfp4: 64-wide chunks unrolled per loop iteration
+    block_k: int = 64  # bf16xbf16: K per loop step (the fp8xfp4 loop steps 128 of K)
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"GemmConfig.{name}: expected a power of two >= 16, got {value}")
-        if self.kstep < 1:
-            raise ValueError(f"GemmConfig.kstep: expected >= 1, got {self.kstep}")
+
 
 
 _forced: dict[str, GemmConfig] = {}
@@ -48,10 +48,18 @@ def force_config(**configs: GemmConfig):
         _forced.update(saved)
 
 
+INTERPRETER_CONFIG = GemmConfig(16, 64, 4, 1)
+"""Under TRITON_INTERPRET the fewest, widest programs run fastest on the CPU; the tests force
+the GPU configs' shapes (narrow tiles, several row tiles per expert) explicitly
+(test_every_tile_config_path)."""
+
+
 def pick_config(which: str, num_rows: int, num_local_experts: int) -> GemmConfig:
     """Config for `which` ("l1" or "l2") given the total rows routed to the local experts."""
     if which in _forced:
         return _forced[which]
+    if env.triton_interpret():
+        return INTERPRETER_CONFIG
     rows_per_expert = num_rows / max(num_local_experts, 1)
     if rows_per_expert <= 16:
         block_m, warps, stages = 16, 4, 4
@@ -61,8 +69,10 @@ def pick_config(which: str, num_rows: int, num_local_experts: int) -> GemmConfig
         block_m, warps, stages = 64, 4, 3
     else:
         block_m, warps, stages = 128, 8, 3
-    block_n = 64 if which == "l1" else 128
-    # Unrolling K chunks keeps more weight bytes in flight for the memory-bound decode tiles;
-    # the 128-row tiles are register-bound and do not afford it.
-    kstep = 4 if block_m <= 32 else 1
-    return GemmConfig(block_m, block_n, warps, stages, kstep=kstep)
+    # Decode tiles are memory-bound: narrow weight tiles make more programs to stream weights in
+    # parallel (measured on an H200, docs/PERF.md run 2).
+    if block_m <= 16:
+        block_n = 32 if which == "l1" else 64
+    else:
+        block_n = 64 if which == "l1" else 128
+    return GemmConfig(block_m, block_n, warps, stages)

@@ -17,22 +17,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import find_expert_tile, quantize_groups_fp32, quantize_groups_ue8m0, round_to_bf16
-from .expert_mma import bf16_rows_dot, mx_rows_dot, mxfp4_rows_dot
+from .common import find_expert_tile, quantize_groups_fp32, quantize_groups_ue8m0, round_to_bf16, ue8m0_to_fp32
+from .expert_mma import bf16_rows_dot, mxfp4_rows_dot
 
 
 @triton.jit
 def _l1_swiglu_kernel(
-    a_ptr, a_sf_ptr, stride_a_m, stride_asf_m,         # activations [*, H] and their scales
+    a_ptr, a_scale_ptr, stride_a_m, stride_as_g,      # activations [*, H], scales [H/32, *]
     topk_weights_ptr, sorted_rows_ptr, expert_offsets_ptr,
-    w_ptr, w_sf_ptr, stride_w_e, stride_w_n, stride_wsf_e, stride_wsf_g, bias_ptr,
-    inter_ptr, inter_sf_ptr,
+    w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_g, bias_ptr,
+    inter_ptr, inter_scale_ptr, stride_is_g,
     hidden, inter, num_local_experts, num_topk, num_cols_tiles,
     clamp,
     QUANTIZED: tl.constexpr, HAS_CLAMP: tl.constexpr, INTER_SF_FP32: tl.constexpr, A_BY_TOKEN: tl.constexpr,
     HAS_BIAS: tl.constexpr, GPT_OSS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, KSTEP: tl.constexpr, MX_LOOP: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile_m = pid // num_cols_tiles
@@ -50,19 +50,14 @@ def _l1_swiglu_kernel(
         col = tile_n * BLOCK_N + (j % BLOCK_N)
         w_rows = col + (j // BLOCK_N) * inter           # gate rows, then the matching up rows
         w_mask = col < inter
-        acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
         expert64 = expert.to(tl.int64)
-        if QUANTIZED and MX_LOOP:
-            acc = mx_rows_dot(acc, w_ptr + expert64 * stride_w_e, w_sf_ptr + expert64 * stride_wsf_e, w_rows,
-                              w_mask, stride_w_n, stride_wsf_g, a_ptr, a_rows, row_mask, stride_a_m,
-                              a_sf_ptr, stride_asf_m, hidden, BLOCK_K=BLOCK_K, A_SF_FP32=False, UPCAST=UPCAST)
-        elif QUANTIZED:
-            acc = mxfp4_rows_dot(acc, w_ptr + expert64 * stride_w_e, w_sf_ptr + expert64 * stride_wsf_e, w_rows,
-                                 w_mask, stride_w_n, stride_wsf_g, a_ptr, a_rows, row_mask, stride_a_m,
-                                 a_sf_ptr, stride_asf_m, hidden, A_SF_FP32=False, KSTEP=KSTEP, PTX_DECODE=not UPCAST)
+        if QUANTIZED:
+            acc = mxfp4_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e, w_rows, w_mask,
+                                 stride_w_n, stride_ws_g, a_ptr, a_rows, row_mask, stride_a_m, a_scale_ptr,
+                                 stride_as_g, hidden, PTX_DECODE=not UPCAST)
         else:
-            acc = bf16_rows_dot(acc, w_ptr + expert64 * stride_w_e, w_rows, w_mask, stride_w_n, a_ptr, a_rows,
-                                row_mask, stride_a_m, hidden, BLOCK_K=BLOCK_K, UPCAST=UPCAST)
+            acc = bf16_rows_dot(w_ptr + expert64 * stride_w_e, w_rows, w_mask, stride_w_n, a_ptr, a_rows, row_mask,
+                                stride_a_m, hidden, BLOCK_K=BLOCK_K, UPCAST=UPCAST)
 
         if HAS_BIAS:
             acc += tl.load(bias_ptr + expert64 * 2 * inter + w_rows, mask=w_mask, other=0.0)[:, None]
@@ -85,14 +80,14 @@ def _l1_swiglu_kernel(
         if QUANTIZED:
             groups = tile_n * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32)
             sf_mask = (groups < inter // 32)[:, None] & row_mask[None, :]
-            sf_ptrs = inter_sf_ptr + rows.to(tl.int64)[None, :] * (inter // 32) + groups[:, None]
+            sf_ptrs = inter_scale_ptr + groups.to(tl.int64)[:, None] * stride_is_g + rows[None, :]
             grouped = tl.reshape(act, (BLOCK_N // 32, 32, BLOCK_M))
             if INTER_SF_FP32:
                 q, scale = quantize_groups_fp32(grouped)
-                tl.store(sf_ptrs, scale, mask=sf_mask)
             else:
                 q, exponent = quantize_groups_ue8m0(grouped)
-                tl.store(sf_ptrs, exponent.to(tl.uint8), mask=sf_mask)
+                scale = ue8m0_to_fp32(exponent)
+            tl.store(sf_ptrs, scale, mask=sf_mask)
             tl.store(out_ptrs, tl.reshape(q, (BLOCK_N, BLOCK_M)).to(tl.float8e4nv), mask=out_mask)
         else:
             tl.store(out_ptrs, round_to_bf16(act).to(tl.bfloat16), mask=out_mask)

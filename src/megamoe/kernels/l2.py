@@ -11,17 +11,17 @@ import triton
 import triton.language as tl
 
 from .common import find_expert_tile, round_to_bf16
-from .expert_mma import bf16_rows_dot, mx_rows_dot, mxfp4_rows_dot
+from .expert_mma import bf16_rows_dot, mxfp4_rows_dot
 
 
 @triton.jit
 def _l2_kernel(
-    inter_ptr, inter_sf_ptr, sorted_rows_ptr, expert_offsets_ptr, topk_weights_ptr,
-    w_ptr, w_sf_ptr, stride_w_e, stride_w_n, stride_wsf_e, stride_wsf_g, bias_ptr,
+    inter_ptr, inter_scale_ptr, stride_is_g, sorted_rows_ptr, expert_offsets_ptr, topk_weights_ptr,
+    w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_g, bias_ptr,
     out_ptr, hidden, inter, num_local_experts, num_cols_tiles,
-    QUANTIZED: tl.constexpr, INTER_SF_FP32: tl.constexpr, HAS_BIAS: tl.constexpr,
+    QUANTIZED: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, KSTEP: tl.constexpr, MX_LOOP: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile_m = pid // num_cols_tiles
@@ -33,20 +33,13 @@ def _l2_kernel(
         a_rows = rows.to(tl.int64)
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < hidden
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         expert64 = expert.to(tl.int64)
-        if QUANTIZED and MX_LOOP:
-            acc = mx_rows_dot(acc, w_ptr + expert64 * stride_w_e, w_sf_ptr + expert64 * stride_wsf_e, cols,
-                              col_mask, stride_w_n, stride_wsf_g, inter_ptr, a_rows, row_mask, inter,
-                              inter_sf_ptr, inter // 32, inter, BLOCK_K=BLOCK_K, A_SF_FP32=INTER_SF_FP32,
-                              UPCAST=UPCAST)
-        elif QUANTIZED:
-            acc = mxfp4_rows_dot(acc, w_ptr + expert64 * stride_w_e, w_sf_ptr + expert64 * stride_wsf_e, cols,
-                                 col_mask, stride_w_n, stride_wsf_g, inter_ptr, a_rows, row_mask, inter,
-                                 inter_sf_ptr, inter // 32, inter, A_SF_FP32=INTER_SF_FP32, KSTEP=KSTEP,
-                                 PTX_DECODE=not UPCAST)
+        if QUANTIZED:
+            acc = mxfp4_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e, cols, col_mask,
+                                 stride_w_n, stride_ws_g, inter_ptr, a_rows, row_mask, inter, inter_scale_ptr,
+                                 stride_is_g, inter, PTX_DECODE=not UPCAST)
         else:
-            acc = bf16_rows_dot(acc, w_ptr + expert64 * stride_w_e, cols, col_mask, stride_w_n, inter_ptr, a_rows,
+            acc = bf16_rows_dot(w_ptr + expert64 * stride_w_e, cols, col_mask, stride_w_n, inter_ptr, a_rows,
                                 row_mask, inter, inter, BLOCK_K=BLOCK_K, UPCAST=UPCAST)
         dst = tl.load(sorted_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
         if HAS_BIAS:

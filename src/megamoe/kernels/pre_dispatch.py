@@ -1,7 +1,7 @@
 """pre_dispatch: BF16 tokens -> the rank's MegaMoE buffer, in one Triton kernel.
 
 Fused: per-32 FP8 quantization with UE8M0 scales (bit-exact to `formats.quantize_fp8`), the
-packed scale words, topk_idx as int32, topk_weights * routed_scaling_factor as fp32, and -1 in
+packed scale words and the same scales as transposed float32 for the expert kernels, topk_idx as int32, topk_weights * routed_scaling_factor as fp32, and -1 in
 topk_idx for every row from num_tokens up to the buffer's capacity, so that peers and later
 calls never see stale routing. One read of x, one write of each output.
 """
@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from ..buffer import META_NUM_TOKENS, MegaMoEBuffer
-from .common import quantize_groups_ue8m0
-from ..formats import quantize_fp8
+from .common import quantize_groups_ue8m0, ue8m0_to_fp32
+from ..formats import SCALE_GROUP, quantize_fp8, ue8m0_to_float, unpack_ue8m0
 from .launch import check_tensor, device_guard, use_triton
 
 FILL_BLOCK = 1024
@@ -23,7 +23,7 @@ FILL_BLOCK = 1024
 @triton.jit(do_not_specialize=["num_tokens"])
 def _pre_dispatch_kernel(
     x_ptr, topk_idx_ptr, topk_weights_ptr,
-    buf_x_ptr, buf_sf_ptr, buf_idx_ptr, buf_w_ptr, meta_ptr,
+    buf_x_ptr, buf_sf_ptr, buf_scales_ptr, buf_idx_ptr, buf_w_ptr, meta_ptr,
     num_tokens, capacity, hidden, stride_x_t,
     scaling,
     NUM_TOPK: tl.constexpr, BLOCK_K: tl.constexpr, QUANTIZE: tl.constexpr,
@@ -42,7 +42,9 @@ def _pre_dispatch_kernel(
                 q = tl.reshape(q, (BLOCK_H,))
                 tl.store(buf_x_ptr + row * hidden + offs, q.to(tl.float8e4nv), mask=mask)
                 groups = h0 // 32 + tl.arange(0, BLOCK_H // 32)
-                tl.store(buf_sf_ptr + row * SF_BYTES + groups, tl.reshape(exponent, (BLOCK_H // 32,)).to(tl.uint8),
+                exponent = tl.reshape(exponent, (BLOCK_H // 32,))
+                tl.store(buf_sf_ptr + row * SF_BYTES + groups, exponent.to(tl.uint8), mask=groups < hidden // 32)
+                tl.store(buf_scales_ptr + groups.to(tl.int64) * capacity + row, ue8m0_to_fp32(exponent),
                          mask=groups < hidden // 32)
             else:
                 tl.store(buf_x_ptr + row * hidden + offs, x, mask=mask)
@@ -114,7 +116,8 @@ def pre_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Te
     with device_guard(x):
         _pre_dispatch_kernel[grid](
             x, topk_idx, topk_weights,
-            buf.x, buf.x_sf.view(torch.uint8) if quantize else buf.x_sf, buf.topk_idx, buf.topk_weights, buf.meta,
+            buf.x, buf.x_sf.view(torch.uint8) if quantize else buf.x_sf, buf.x_scales, buf.topk_idx,
+            buf.topk_weights, buf.meta,
             tokens, capacity, hidden, x.stride(0),
             float(routed_scaling_factor),
             NUM_TOPK=k, BLOCK_K=triton.next_power_of_2(k), QUANTIZE=quantize,
@@ -128,6 +131,8 @@ def _pre_dispatch_torch(x, topk_idx, topk_weights, buf, scaling: float) -> None:
     tokens = x.shape[0]
     if buf.mode == "fp8xfp4":
         buf.x[:tokens], buf.x_sf[:tokens] = quantize_fp8(x)
+        exponents = unpack_ue8m0(buf.x_sf[:tokens], buf.hidden // SCALE_GROUP)
+        buf.x_scales[:, :tokens] = ue8m0_to_float(exponents).T
     else:
         buf.x[:tokens] = x
     buf.topk_idx[:tokens] = topk_idx.to(torch.int32)
