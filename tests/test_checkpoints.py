@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import megamoe
-from megamoe.checkpoints import (SafetensorsCheckpoint, checkpoint_prefix, load_moe_layer, moe_spec)
+from megamoe.checkpoints import SafetensorsCheckpoint, checkpoint_prefix, layer_from_module, load_moe_layer, moe_spec
 from megamoe.testing import relative_error
 
 from tolerances import LAYER_KERNEL_VS_REFERENCE
@@ -170,7 +170,8 @@ def test_each_family_loads_exactly(family, layout, mode, tmp_path):
         assert torch.equal(layer.router.bias, exp["router_bias"]) and layer.return_router_weights
     if family == "deepseek_v3":
         assert torch.equal(layer.router.e_score_correction_bias, exp["correction"])
-        assert layer.router.routed_scaling_factor == 2.5 and (layer.router.num_groups, layer.router.topk_groups) == (2, 1)
+        assert layer.router.routed_scaling_factor == 2.5
+        assert (layer.router.num_groups, layer.router.topk_groups) == (2, 1)
         for name in ("gate_proj", "up_proj", "down_proj"):
             assert torch.equal(getattr(layer.shared_experts, name).weight, exp[f"shared.{name}"])
     else:
@@ -231,7 +232,7 @@ def test_fp8_block_dequantization_with_partial_blocks(tmp_path):
     w = _randn(160, 288, seed=11)
     w8, scale, _ = _fp8_blocks(w)
     save_file({"w.weight": w8, "w.weight_scale_inv": scale}, str(tmp_path / "m.safetensors"))
-    got = SafetensorsCheckpoint(tmp_path / "m.safetensors").get_dense("w.weight", (160, 288), "w", allow_fp8=True)
+    got = SafetensorsCheckpoint(tmp_path / "m.safetensors").get_dense("w.weight", (160, 288), "w", (128, 128))
     for i in range(2):
         for j in range(3):
             block = (slice(128 * i, 128 * (i + 1)), slice(128 * j, 128 * (j + 1)))
@@ -312,3 +313,67 @@ def test_unsupported_configs_are_refused(family, change, match):
     config = {k: v for k, v in config.items() if v is not None}
     with pytest.raises(ValueError, match=match):
         moe_spec(config)
+
+
+def test_config_field_aliases_and_fp8_block_size():
+    """transformers 5 saves Qwen3-MoE's `num_experts` as `num_local_experts`; published gpt-oss
+    configs also say `experts_per_token`; DeepSeek's FP8 block size comes from its
+    quantization_config."""
+    qwen = {k: v for k, v in CONFIGS["qwen3_moe"].items() if k != "num_experts"}
+    assert moe_spec({**qwen, "num_local_experts": 6}).num_experts == 6
+    gpt = {k: v for k, v in CONFIGS["gpt_oss"].items() if k != "num_experts_per_tok"}
+    assert moe_spec({**gpt, "experts_per_token": 3}).num_topk == 3
+    deepseek = {**CONFIGS["deepseek_v3"], "quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 32]}}
+    assert moe_spec(deepseek).fp8_block == (64, 32)
+    assert moe_spec(CONFIGS["deepseek_v3"]).fp8_block == (128, 128)
+
+
+# ------------------------------------------------------------------------------ from a module
+
+
+class _Expert4x(torch.nn.Module):
+    """transformers 4.x's per-expert MLP (Mixtral's names)."""
+
+    def __init__(self, w1, w3, w2):
+        super().__init__()
+        self.w1, self.w3, self.w2 = (torch.nn.Linear(1, 1, bias=False) for _ in range(3))
+        self.w1.weight, self.w3.weight, self.w2.weight = (torch.nn.Parameter(w) for w in (w1, w3, w2))
+
+
+class _Block4x(torch.nn.Module):
+    def __init__(self, router, w1, w2):
+        super().__init__()
+        self.gate = torch.nn.Linear(H, E, bias=False)
+        self.gate.weight = torch.nn.Parameter(router)
+        self.experts = torch.nn.ModuleList(_Expert4x(w1[e, :I], w1[e, I:], w2[e]) for e in range(E))
+
+
+class _Block5x(torch.nn.Module):
+    def __init__(self, router, w1, w2):
+        super().__init__()
+        self.gate = torch.nn.Module()
+        self.gate.weight = torch.nn.Parameter(router)
+        self.experts = torch.nn.Module()
+        self.experts.gate_up_proj = torch.nn.Parameter(w1)
+        self.experts.down_proj = torch.nn.Parameter(w2)
+
+
+@pytest.mark.parametrize("mode", ["fp8xfp4", "bf16xbf16"])
+def test_module_layouts_of_transformers_4_and_5_agree(mode):
+    _, _, exp = make_checkpoint("mixtral", seed=4)
+    args = (exp["router"].float(), exp["l1"], exp["l2"])
+    old, new = (layer_from_module(block(*args), CONFIGS["mixtral"], mode=mode) for block in (_Block4x, _Block5x))
+    _assert_same(old.l1, new.l1)
+    _assert_same(old.l2, new.l2)
+    _assert_same(new.l1, _expected_weights(exp, mode)[0])
+
+
+def test_module_weights_must_be_materialised_and_dense():
+    _, _, exp = make_checkpoint("mixtral", seed=4)
+    block = _Block5x(exp["router"].float(), exp["l1"], exp["l2"])
+    block.experts.down_proj = torch.nn.Parameter(torch.zeros(E, H, I // 2, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(TypeError, match=r"experts\.down_proj .*uint8.*checkpoint"):
+        layer_from_module(block, CONFIGS["mixtral"])
+    block = _Block5x(exp["router"].float(), exp["l1"], exp["l2"]).to("meta")
+    with pytest.raises(ValueError, match="meta"):
+        layer_from_module(block, CONFIGS["mixtral"])

@@ -4,6 +4,8 @@ Routers against float64 formulas written out here (token by token); the layer ag
 oracle on the routing its own router produced, for each router, activation and mode.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,7 +156,8 @@ def _layer_case(kind: str, mode: str, device, seed: int = 0):
         options["shared_experts"] = shared
     else:
         router = TopKSoftmaxRouter(H, E, K)
-        bias = dict(l1_bias=_randn(E, 2 * I, seed=seed + 20, scale=0.1), l2_bias=_randn(E, H, seed=seed + 21, scale=0.1))
+        bias = dict(l1_bias=_randn(E, 2 * I, seed=seed + 20, scale=0.1),
+                    l2_bias=_randn(E, H, seed=seed + 21, scale=0.1))
         options.update(activation="gpt_oss", activation_clamp=0.5)
     _fill(router, seed + 30)
     layer = MegaMoELayer(router, p.w1, p.w2, mode=mode, **bias, **options).to(device)
@@ -210,6 +213,17 @@ def test_buffer_pool_shares_by_shape():
     assert a.destroyed and pool.nbytes == 0
 
 
+def test_deepcopy_gives_a_fresh_shared_pool():
+    p = make_problem(MoEShape("layer", E, K, H, I), 1)
+    pool = BufferPool()
+    pool.get(torch.device("cpu"), E, 4, K, H, I, "fp8xfp4")
+    model = torch.nn.ModuleList(MegaMoELayer(SoftmaxTopKRouter(H, E, K), p.l1, p.l2, buffers=pool) for _ in range(2))
+    copied = copy.deepcopy(model)
+    assert copied[0].buffers is copied[1].buffers and copied[0].buffers is not pool
+    assert copied[0].buffers.nbytes == 0 and pool.nbytes > 0
+    assert torch.equal(copied[0].l1.w, model[0].l1.w) and copied[0].l1.w is not model[0].l1.w
+
+
 class _BadRouter(torch.nn.Module):
     num_experts, num_topk, routed_scaling_factor = E, K, 1.0
 
@@ -258,6 +272,13 @@ def test_layer_input_is_checked():
         layer(torch.randn(2, 3, H + 32))
     with pytest.raises(TypeError, match="hidden_states"):
         layer(torch.ones(2, H, dtype=torch.int64))
+    x = torch.randn(3, H)
+    with pytest.raises(ValueError, match=r"topk_idx: expected a tensor \[3, 2\]"):
+        layer.forward_experts(x, torch.zeros(3, 3, dtype=torch.int64), torch.ones(3, 3))
+    with pytest.raises(ValueError, match="topk_weights"):
+        layer.forward_experts(x, torch.zeros(3, K, dtype=torch.int64), torch.ones(2, K))
+    with pytest.raises(ValueError, match="x"):
+        layer.forward_experts(x[:, :32], torch.zeros(3, K, dtype=torch.int64), torch.ones(3, K))
 
 
 def test_mxfp4_pairs_are_used_as_given():

@@ -298,12 +298,13 @@ def _experts_from_module(block: nn.Module, spec: MoESpec, mode: str) -> ExpertTe
 
 
 def layer_from_module(block: nn.Module, config, *, mode: str = "fp8xfp4", checkpoint=None,
-                      prefix: str | None = None, **layer_options) -> MegaMoELayer:
+                      prefix: str | None = None, family: str | None = None, **layer_options) -> MegaMoELayer:
     """A MegaMoELayer equivalent to a transformers MoE block (transformers 5 fused experts, or
     4.x per-expert modules), on the device of the block's weights.
 
     block:      MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, DeepseekV3MoE or GptOssMLP.
-    config:     the model's config (its model_type picks the family).
+    config:     the model's config.
+    family:     one of FAMILIES; default: the config's model_type.
     checkpoint: None, or a SafetensorsCheckpoint / path to read the routed experts from (under
                 `prefix`) instead of the module; the router and shared experts still come from
                 the module. This is how gpt-oss's MXFP4 blocks are used as they are.
@@ -311,7 +312,7 @@ def layer_from_module(block: nn.Module, config, *, mode: str = "fp8xfp4", checkp
     The block's own shared-expert module is reused, not copied.
     """
     check_mode(mode)
-    spec = moe_spec(config)
+    spec = moe_spec(config, family)
     if spec.family == "gpt_oss":
         router_module = getattr(block, "router", None)
         if router_module is None:

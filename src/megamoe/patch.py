@@ -119,12 +119,10 @@ def patch_model(model: nn.Module, mode: str = "fp8xfp4", *, checkpoint=None,
                 skipped.append(f"{name} ({cls}: {_KNOWN_UNSUPPORTED.get(cls, 'no megamoe layout for this block')})")
             continue
         claimed.append(name)
-        model_type = getattr(config, "model_type", None)
-        if model_type != family:
-            skipped.append(f"{name} ({cls}: the config's model_type is {model_type!r}, not {family!r})")
-            continue
         try:
-            moe_spec(config)
+            # The block's class names the family, also in models that reuse its blocks under
+            # another model_type; its config fields are read under that family's names.
+            moe_spec(config, family)
         except ValueError as err:
             skipped.append(f"{name} ({cls}: {err})")
             continue
@@ -132,7 +130,8 @@ def patch_model(model: nn.Module, mode: str = "fp8xfp4", *, checkpoint=None,
         options = dict(max_tokens_per_call=max_tokens_per_call)
         if pool is not None:
             options["buffers"] = pool
-        layer = layer_from_module(module, config, mode=mode, checkpoint=ckpt, prefix=prefix, **options)
+        layer = layer_from_module(module, config, mode=mode, checkpoint=ckpt, prefix=prefix, family=family,
+                                  **options)
         layer.train(module.training)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
