@@ -60,9 +60,8 @@ def _group_scales(w_scale_ptr, w_rows, w_mask, stride_ws_g, a_scale_ptr, a_rows,
 
 
 @triton.jit
-def _chunk_dot(acc, w_base, w_mask, a_base, a_mask, chunk, num_chunks, num_groups, sw_lo, sw_hi, sa_lo, sa_hi,
-               PTX_DECODE: tl.constexpr):
-    """acc + one 64-wide packed chunk (two scale groups) of W @ A.T, each group promoted."""
+def _chunk_operands(w_base, w_mask, a_base, a_mask, chunk, num_chunks, num_groups, PTX_DECODE: tl.constexpr):
+    """The two FP8 weight tiles [BLOCK_W, 32] and activation tiles [32, BLOCK_M] of one chunk."""
     g = 2 * chunk
     packed = tl.load(w_base + chunk * 32, mask=w_mask[:, None] & (chunk < num_chunks), other=0)
     if PTX_DECODE:
@@ -71,15 +70,42 @@ def _chunk_dot(acc, w_base, w_mask, a_base, a_mask, chunk, num_chunks, num_group
         w_lo, w_hi = decode_e2m1_pair(packed)
     a_lo = tl.load(a_base + g * 32, mask=a_mask[None, :] & (g < num_groups), other=0.0)
     a_hi = tl.load(a_base + (g + 1) * 32, mask=a_mask[None, :] & (g + 1 < num_groups), other=0.0)
-    acc += tl.dot(w_lo, a_lo) * (sw_lo[:, None] * sa_lo[None, :])
-    acc += tl.dot(w_hi, a_hi) * (sw_hi[:, None] * sa_hi[None, :])
+    return w_lo, w_hi, a_lo, a_hi
+
+
+@triton.jit
+def _step_dot(acc, w_base, w_mask, a_base, a_mask, step, num_chunks, num_groups,
+              sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3, PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr):
+    """acc + one step of 128 of K (two chunks, four scale groups), each group promoted.
+
+    ISSUE_AHEAD issues the four MMAs before the first promotion needs a result, so they run
+    back to back instead of each waiting for the previous one's promotion; it holds four
+    partial tiles in registers, affordable for the few-token tiles of decode only.
+    """
+    w0, w1, a0, a1 = _chunk_operands(w_base, w_mask, a_base, a_mask, 2 * step, num_chunks, num_groups, PTX_DECODE)
+    w2, w3, a2, a3 = _chunk_operands(w_base, w_mask, a_base, a_mask, 2 * step + 1, num_chunks, num_groups,
+                                     PTX_DECODE)
+    if ISSUE_AHEAD:
+        t0 = tl.dot(w0, a0)
+        t1 = tl.dot(w1, a1)
+        t2 = tl.dot(w2, a2)
+        t3 = tl.dot(w3, a3)
+        acc += t0 * (sw0[:, None] * sa0[None, :])
+        acc += t1 * (sw1[:, None] * sa1[None, :])
+        acc += t2 * (sw2[:, None] * sa2[None, :])
+        acc += t3 * (sw3[:, None] * sa3[None, :])
+    else:
+        acc += tl.dot(w0, a0) * (sw0[:, None] * sa0[None, :])
+        acc += tl.dot(w1, a1) * (sw1[:, None] * sa1[None, :])
+        acc += tl.dot(w2, a2) * (sw2[:, None] * sa2[None, :])
+        acc += tl.dot(w3, a3) * (sw3[:, None] * sa3[None, :])
     return acc
 
 
 @triton.jit
 def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, w_mask, stride_w_n, stride_ws_g,
                    a_ptr, a_rows, a_mask, stride_a_m, a_scale_ptr, stride_as_g, k_size,
-                   PTX_DECODE: tl.constexpr):
+                   PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr):
     """W[w_rows, :k_size] @ A[a_rows, :k_size].T as fp32 [BLOCK_W, BLOCK_M]; MXFP4 W, FP8 A.
 
     w_ptr:       uint8, packed chunks of the expert (weights.py layout); w_rows [BLOCK_W] int.
@@ -88,6 +114,7 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, w_mask, stride_w_n, stride_ws_g,
     a_scale_ptr: float32 [K/32, *] group scales of the rows, transposed (stride_as_g between
                  groups).
     PTX_DECODE:  decode four bytes per instruction with inline PTX (not in the interpreter).
+    ISSUE_AHEAD: see `_step_dot`.
 
     One step covers 128 of K: two packed chunks, four scale groups. The compiler pipelines the
     tile loads (they feed the tensor cores) but not the small scale vectors, which it loads
@@ -106,10 +133,8 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, w_mask, stride_w_n, stride_ws_g,
         nw0, nw1, nw2, nw3, na0, na1, na2, na3 = _group_scales(
             w_scale_ptr, w_rows, w_mask, stride_ws_g, a_scale_ptr, a_rows, a_mask, stride_as_g, 4 * step + 4,
             num_groups)
-        acc = _chunk_dot(acc, w_base, w_mask, a_base, a_mask, 2 * step, num_chunks, num_groups, sw0, sw1, sa0, sa1,
-                         PTX_DECODE)
-        acc = _chunk_dot(acc, w_base, w_mask, a_base, a_mask, 2 * step + 1, num_chunks, num_groups, sw2, sw3, sa2,
-                         sa3, PTX_DECODE)
+        acc = _step_dot(acc, w_base, w_mask, a_base, a_mask, step, num_chunks, num_groups,
+                        sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3, PTX_DECODE, ISSUE_AHEAD)
         sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = nw0, nw1, nw2, nw3, na0, na1, na2, na3
     # The decode yields value * 2^-6 (see decode_e2m1_pair); undo it once, not per group.
     return acc * 64.0

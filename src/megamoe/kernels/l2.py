@@ -37,7 +37,7 @@ def _l2_kernel(
         if QUANTIZED:
             acc = mxfp4_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e, cols, col_mask,
                                  stride_w_n, stride_ws_g, inter_ptr, a_rows, row_mask, inter, inter_scale_ptr,
-                                 stride_is_g, inter, PTX_DECODE=not UPCAST)
+                                 stride_is_g, inter, PTX_DECODE=not UPCAST, ISSUE_AHEAD=BLOCK_M <= 32)
         else:
             acc = bf16_rows_dot(w_ptr + expert64 * stride_w_e, cols, col_mask, stride_w_n, inter_ptr, a_rows,
                                 row_mask, inter, inter, BLOCK_K=BLOCK_K, UPCAST=UPCAST)
