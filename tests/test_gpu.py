@@ -61,9 +61,12 @@ def test_whole_call_captures_in_a_cuda_graph():
         idx, w = make_routing(tokens, shape.num_experts, shape.num_topk, generator=g)
         y = torch.empty_like(x)
         stats = torch.zeros(shape.num_experts, dtype=torch.int32, device="cuda")
-        megamoe.pre_dispatch(x, idx, w, buf)          # warm-up compiles outside capture
-        megamoe.mega_moe(y, l1, l2, buf)
+        # Warm up with the very arguments of the capture: Triton compiles each specialisation on
+        # its first launch, which must not happen inside a capture.
+        megamoe.pre_dispatch(x, idx, w, buf)
+        megamoe.mega_moe(y, l1, l2, buf, recv_stats=stats)
         eager = y.clone()
+        stats.zero_()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             megamoe.pre_dispatch(x, idx, w, buf)

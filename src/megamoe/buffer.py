@@ -3,9 +3,11 @@
 Send side (this rank's own tokens; what peers read or write in expert parallelism):
     x             [C, H]          float8_e4m3fn (bfloat16 in bf16xbf16 mode)   C = max tokens per rank
     x_sf          [C, ceil(H/128)] int32, packed UE8M0 exponents (fp8 modes; [C, 0] otherwise)
-    x_scales      [H/32, C]       float32 2^(e-127) of each x_sf exponent, transposed: the
+    x_scales      [G4(H), C]      float32 2^(e-127) of each x_sf exponent, transposed: the
                                   kernels load one group's scales for a tile of rows as one
-                                  contiguous, pipelineable vector (fp8 modes; [0, C] otherwise)
+                                  contiguous vector. G4(n) = ceil(n/128) * 4 rows: the GEMMs step
+                                  128 columns (4 groups) at a time and read whole steps; rows past
+                                  n/32 hold 1.0 (fp8 modes; [0, C] otherwise)
     topk_idx      [C, K]          int32, -1 = no expert (rows past num_tokens are all -1)
     topk_weights  [C, K]          float32, already multiplied by routed_scaling_factor
     combine       [C * K, H]      bfloat16: row t*K + k is slot k of token t after L2
@@ -18,9 +20,9 @@ Receive side (rows this rank's experts process), R = number of ranks, E_l = loca
     slot_rank     [R * C * K]     int32 position of each (rank, token, slot) within its expert
     sorted_rows   [N_recv]        int32 source (rank * C + token) * K + slot, in expert order
     inter         [N_recv, I]     float8_e4m3fn (bfloat16 in bf16xbf16 mode): SwiGLU output
-    inter_scales  [I/32, N_recv]  float32 scale of each group of 32 of an `inter` row, transposed
-                                  like x_scales: 2^(e-127) for UE8M0 requant, or the FP32 scale
-                                  (intermediate_sf="fp32")
+    inter_scales  [G4(I), N_recv] float32 scale of each group of 32 of an `inter` row, transposed
+                                  and padded like x_scales: 2^(e-127) for UE8M0 requant, or the
+                                  FP32 scale (intermediate_sf="fp32")
 
 N_recv = R * C * min(K, E_l): the most rows this rank can receive when a token's K slots name
 distinct experts.
@@ -82,6 +84,15 @@ class Region:
         for d in self.shape:
             n *= d
         return n
+
+
+GEMM_STEP = 128
+"""Columns of K the grouped GEMMs consume per step (kernels/expert_mma.py)."""
+
+
+def step_groups(k: int) -> int:
+    """Rows of a transposed scale array for K = k: the groups of 32 of whole 128-wide steps."""
+    return -(-k // GEMM_STEP) * (GEMM_STEP // SCALE_GROUP)
 
 
 def _positive_int(name: str, value) -> int:
@@ -160,8 +171,8 @@ def buffer_layout(num_experts: int, max_tokens_per_rank: int, num_topk: int, hid
     recv_rows = num_ranks * cap * min(k, local_experts)
     quantized = mode == "fp8xfp4"
     act = torch.float8_e4m3fn if quantized else torch.bfloat16
-    groups_h = hidden // SCALE_GROUP if quantized else 0
-    groups_i = intermediate // SCALE_GROUP if quantized else 0
+    groups_h = step_groups(hidden) if quantized else 0
+    groups_i = step_groups(intermediate) if quantized else 0
     shapes = [
         ("meta", (META_WORDS,), torch.int32),
         ("x", (cap, hidden), act),
@@ -270,6 +281,9 @@ class MegaMoEBuffer:
             self._views[region.name] = raw.view(region.dtype).view(region.shape)
         self._views["meta"].zero_()
         self._views["topk_idx"].fill_(-1)
+        for name in ("x_scales", "inter_scales", "recv_scales"):
+            if name in self._views:  # padding groups must read as a finite 1.0
+                self._views[name].fill_(1.0)
         self.backend = self._make_backend(resolve_backend(backend, self.num_ranks))
 
     def _make_backend(self, name: str):

@@ -10,11 +10,11 @@ Kernel layout (`ExpertWeights`), fp8xfp4:
                                 chunk c holds element 64c + j in its low nibble and element
                                 64c + 32 + j in its high nibble, so the two nibbles of a tile
                                 of bytes decode to two whole scale groups with no shuffling.
-    w_sf bf16 [E_l, KP/32, N]   each group's scale 2^(e-127) (exact in BF16), transposed so that
-                                one group's scales for a tile of N rows are one contiguous vector
-                                of at least 4 bytes per thread: the GPU copies it asynchronously
-                                ahead of use like the codes (single bytes cannot be). Costs 1
-                                byte per 32 weights over the 17 of MXFP4. Padding groups hold 1.
+    w_sf bf16 [E_l, G4, N]      each group's scale 2^(e-127) (exact in BF16), transposed so that
+                                one group's scales for a tile of N rows are one contiguous
+                                vector. G4 = ceil(K/128) * 4: the kernels read whole 128-wide
+                                steps; padding groups hold 1. Costs 1 byte per 32 weights over
+                                the 17 of MXFP4.
 bf16xbf16: w is the user tensor (contiguous), w_sf is None.
 """
 
@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .formats import SCALE_GROUP, check_mxfp4, e2m1_lut, ue8m0_to_float
+from .buffer import step_groups
 from .reference import check_bias, check_mode
 
 CHUNK = 64
@@ -60,7 +61,7 @@ class ExpertWeights:
         chunks = packed.view(n, half_kp // (CHUNK // 2), 1, CHUNK // 2)
         codes = torch.cat([chunks & 0xF, chunks >> 4], dim=2).reshape(n, 2 * half_kp)
         values = e2m1_lut(packed.device)[codes.long()].view(n, -1, SCALE_GROUP)
-        scales = self.w_sf[expert].transpose(0, 1).float().unsqueeze(-1)
+        scales = self.w_sf[expert][: values.shape[1]].transpose(0, 1).float().unsqueeze(-1)
         return (values * scales).reshape(n, -1)[:, : self.k]
 
 
@@ -73,7 +74,7 @@ def _pack_chunks(w_q: torch.Tensor, w_sf: torch.Tensor) -> tuple[torch.Tensor, t
     codes[..., 1:k:2] = w_q >> 4
     chunks = codes.view(e, n, kp // CHUNK, 2, CHUNK // 2)
     packed = (chunks[..., 0, :] | (chunks[..., 1, :] << 4)).reshape(e, n, kp // 2)
-    scales = torch.ones((e, kp // SCALE_GROUP, n), dtype=torch.bfloat16, device=w_sf.device)
+    scales = torch.ones((e, step_groups(k), n), dtype=torch.bfloat16, device=w_sf.device)
     scales[:, : k // SCALE_GROUP, :] = ue8m0_to_float(w_sf.transpose(1, 2)).bfloat16()
     return packed.contiguous(), scales
 

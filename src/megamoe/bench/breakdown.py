@@ -27,14 +27,10 @@ from .timing import time_graph
 # name: forced configs; {} = the heuristic.
 VARIANTS = {
     "default": {},
-    "n32": dict(l1=GemmConfig(16, 32, 4, 4), l2=GemmConfig(16, 64, 4, 4)),
     "n64": dict(l1=GemmConfig(16, 64, 4, 4), l2=GemmConfig(16, 128, 4, 4)),
-    "n16": dict(l1=GemmConfig(16, 32, 4, 4), l2=GemmConfig(16, 32, 4, 4)),
-    "s2": dict(l1=GemmConfig(16, 32, 4, 2), l2=GemmConfig(16, 64, 4, 2)),
     "m32": dict(l1=GemmConfig(32, 32, 4, 4), l2=GemmConfig(32, 64, 4, 4)),
-    "m64": dict(l1=GemmConfig(64, 64, 4, 3), l2=GemmConfig(64, 128, 4, 3)),
+    "m64": dict(l1=GemmConfig(64, 32, 4, 3), l2=GemmConfig(64, 64, 4, 3)),
     "m64w8": dict(l1=GemmConfig(64, 64, 8, 3), l2=GemmConfig(64, 128, 8, 3)),
-    "m128": dict(l1=GemmConfig(128, 64, 8, 3), l2=GemmConfig(128, 128, 8, 3)),
 }
 
 STAGES = ("pre_dispatch", "plan", "l1", "l2", "combine")

@@ -61,18 +61,16 @@ def pick_config(which: str, num_rows: int, num_local_experts: int) -> GemmConfig
     if env.triton_interpret():
         return INTERPRETER_CONFIG
     rows_per_expert = num_rows / max(num_local_experts, 1)
+    # Decode tiles are memory-bound: narrow weight tiles make more programs to stream weights in
+    # parallel (measured on an H200, docs/PERF.md). Wider row tiles reuse each decoded weight
+    # tile for more tokens; 64 is the widest that fits the registers without spilling.
     if rows_per_expert <= 16:
         block_m, warps, stages = 16, 4, 4
+        block_n = 32 if which == "l1" else 64
     elif rows_per_expert <= 32:
         block_m, warps, stages = 32, 4, 4
-    elif rows_per_expert <= 64:
-        block_m, warps, stages = 64, 4, 3
-    else:
-        block_m, warps, stages = 128, 8, 3
-    # Decode tiles are memory-bound: narrow weight tiles make more programs to stream weights in
-    # parallel (measured on an H200, docs/PERF.md run 2).
-    if block_m <= 16:
         block_n = 32 if which == "l1" else 64
     else:
+        block_m, warps, stages = 64, 8, 3
         block_n = 64 if which == "l1" else 128
     return GemmConfig(block_m, block_n, warps, stages)

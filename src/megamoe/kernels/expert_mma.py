@@ -45,46 +45,56 @@ def decode_e2m1_pair_packed(packed):
 
 
 @triton.jit
-def _group_scales(w_scale_ptr, w_rows, w_mask, stride_ws_g, a_scale_ptr, a_rows, a_mask, stride_as_g, g,
-                  num_groups):
-    """Weight scales [BLOCK_W] and activation scales [BLOCK_M] of groups g .. g+3 (1.0 past the end)."""
-    sw0 = tl.load(w_scale_ptr + g * stride_ws_g + w_rows, mask=w_mask & (g < num_groups), other=1.0)
-    sw1 = tl.load(w_scale_ptr + (g + 1) * stride_ws_g + w_rows, mask=w_mask & (g + 1 < num_groups), other=1.0)
-    sw2 = tl.load(w_scale_ptr + (g + 2) * stride_ws_g + w_rows, mask=w_mask & (g + 2 < num_groups), other=1.0)
-    sw3 = tl.load(w_scale_ptr + (g + 3) * stride_ws_g + w_rows, mask=w_mask & (g + 3 < num_groups), other=1.0)
-    sa0 = tl.load(a_scale_ptr + g * stride_as_g + a_rows, mask=a_mask & (g < num_groups), other=1.0)
-    sa1 = tl.load(a_scale_ptr + (g + 1) * stride_as_g + a_rows, mask=a_mask & (g + 1 < num_groups), other=1.0)
-    sa2 = tl.load(a_scale_ptr + (g + 2) * stride_as_g + a_rows, mask=a_mask & (g + 2 < num_groups), other=1.0)
-    sa3 = tl.load(a_scale_ptr + (g + 3) * stride_as_g + a_rows, mask=a_mask & (g + 3 < num_groups), other=1.0)
-    return (sw0.to(tl.float32), sw1.to(tl.float32), sw2.to(tl.float32), sw3.to(tl.float32), sa0, sa1, sa2, sa3)
+def _group_scales(w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, g):
+    """Weight scales [BLOCK_W] and activation scales [BLOCK_M] of groups g .. g+3, as fp32.
+
+    Unmasked: both scale arrays have a multiple of 4 groups (padding holds 1.0) and the rows
+    are valid indices, so even the prefetch past the last step stays in bounds.
+    """
+    sw0 = tl.load(w_scale_ptr + g * stride_ws_g + w_rows).to(tl.float32)
+    sw1 = tl.load(w_scale_ptr + (g + 1) * stride_ws_g + w_rows).to(tl.float32)
+    sw2 = tl.load(w_scale_ptr + (g + 2) * stride_ws_g + w_rows).to(tl.float32)
+    sw3 = tl.load(w_scale_ptr + (g + 3) * stride_ws_g + w_rows).to(tl.float32)
+    sa0 = tl.load(a_scale_ptr + g * stride_as_g + a_rows)
+    sa1 = tl.load(a_scale_ptr + (g + 1) * stride_as_g + a_rows)
+    sa2 = tl.load(a_scale_ptr + (g + 2) * stride_as_g + a_rows)
+    sa3 = tl.load(a_scale_ptr + (g + 3) * stride_as_g + a_rows)
+    return sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3
 
 
 @triton.jit
-def _chunk_operands(w_base, w_mask, a_base, a_mask, chunk, num_chunks, num_groups, PTX_DECODE: tl.constexpr):
-    """The two FP8 weight tiles [BLOCK_W, 32] and activation tiles [32, BLOCK_M] of one chunk."""
+def _chunk_operands(w_base, a_base, chunk, k_size, MASKED: tl.constexpr, PTX_DECODE: tl.constexpr):
+    """The two FP8 weight tiles [BLOCK_W, 32] and activation tiles [32, BLOCK_M] of one chunk.
+
+    MASKED only for the last, partial step: columns past k_size read as zeros.
+    """
     g = 2 * chunk
-    packed = tl.load(w_base + chunk * 32, mask=w_mask[:, None] & (chunk < num_chunks), other=0)
+    if MASKED:
+        packed = tl.load(w_base + chunk * 32, mask=chunk * 64 < k_size, other=0)
+        a_lo = tl.load(a_base + g * 32, mask=g * 32 < k_size, other=0.0)
+        a_hi = tl.load(a_base + (g + 1) * 32, mask=(g + 1) * 32 < k_size, other=0.0)
+    else:
+        packed = tl.load(w_base + chunk * 32)
+        a_lo = tl.load(a_base + g * 32)
+        a_hi = tl.load(a_base + (g + 1) * 32)
     if PTX_DECODE:
         w_lo, w_hi = decode_e2m1_pair_packed(packed)
     else:
         w_lo, w_hi = decode_e2m1_pair(packed)
-    a_lo = tl.load(a_base + g * 32, mask=a_mask[None, :] & (g < num_groups), other=0.0)
-    a_hi = tl.load(a_base + (g + 1) * 32, mask=a_mask[None, :] & (g + 1 < num_groups), other=0.0)
     return w_lo, w_hi, a_lo, a_hi
 
 
 @triton.jit
-def _step_dot(acc, w_base, w_mask, a_base, a_mask, step, num_chunks, num_groups,
-              sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3, PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr):
+def _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
+              MASKED: tl.constexpr, PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr):
     """acc + one step of 128 of K (two chunks, four scale groups), each group promoted.
 
     ISSUE_AHEAD issues the four MMAs before the first promotion needs a result, so they run
     back to back instead of each waiting for the previous one's promotion; it holds four
     partial tiles in registers, affordable for the few-token tiles of decode only.
     """
-    w0, w1, a0, a1 = _chunk_operands(w_base, w_mask, a_base, a_mask, 2 * step, num_chunks, num_groups, PTX_DECODE)
-    w2, w3, a2, a3 = _chunk_operands(w_base, w_mask, a_base, a_mask, 2 * step + 1, num_chunks, num_groups,
-                                     PTX_DECODE)
+    w0, w1, a0, a1 = _chunk_operands(w_base, a_base, 2 * step, k_size, MASKED, PTX_DECODE)
+    w2, w3, a2, a3 = _chunk_operands(w_base, a_base, 2 * step + 1, k_size, MASKED, PTX_DECODE)
     if ISSUE_AHEAD:
         t0 = tl.dot(w0, a0)
         t1 = tl.dot(w1, a1)
@@ -103,39 +113,54 @@ def _step_dot(acc, w_base, w_mask, a_base, a_mask, step, num_chunks, num_groups,
 
 
 @triton.jit
-def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, w_mask, stride_w_n, stride_ws_g,
-                   a_ptr, a_rows, a_mask, stride_a_m, a_scale_ptr, stride_as_g, k_size,
+def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_n, stride_ws_g,
+                   a_ptr, a_rows, stride_a_m, a_scale_ptr, stride_as_g, k_size,
                    PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr):
     """W[w_rows, :k_size] @ A[a_rows, :k_size].T as fp32 [BLOCK_W, BLOCK_M]; MXFP4 W, FP8 A.
 
-    w_ptr:       uint8, packed chunks of the expert (weights.py layout); w_rows [BLOCK_W] int.
-    w_scale_ptr: bfloat16 [KP/32, N] group scales of the expert (stride_ws_g between groups).
-    a_ptr:       float8e4nv rows; a_rows [BLOCK_M] int64 row indices.
-    a_scale_ptr: float32 [K/32, *] group scales of the rows, transposed (stride_as_g between
-                 groups).
+    w_ptr:       uint8, packed chunks of the expert (weights.py layout); w_rows [BLOCK_W] int,
+                 valid row indices (callers clamp the rows past the edge of a tile: their
+                 results are computed and never stored, which is cheaper than masking every load).
+    w_scale_ptr: bfloat16 [G4, N] group scales of the expert (stride_ws_g between groups).
+    a_ptr:       float8e4nv rows; a_rows [BLOCK_M] int64, valid row indices as for w_rows.
+    a_scale_ptr: float32 [G4, *] group scales of the rows, transposed (stride_as_g between
+                 groups). G4 = ceil(k_size / 128) * 4: both scale arrays are padded to whole steps.
     PTX_DECODE:  decode four bytes per instruction with inline PTX (not in the interpreter).
-    ISSUE_AHEAD: see `_step_dot`.
+    ISSUE_AHEAD: narrow row tiles (decode): the step's four MMAs go out back to back (see
+                 `_step_dot`) and each step loads the next step's scales.
 
-    One step covers 128 of K: two packed chunks, four scale groups. The compiler pipelines the
-    tile loads (they feed the tensor cores) but not the small scale vectors, which it loads
-    straight into the accumulator's layout; so each step loads the next step's scales itself,
-    and their latency hides behind a step of work instead of stalling every group.
+    One step covers 128 of K: two packed chunks, four scale groups; only a last partial step
+    masks its loads. The compiler pipelines the tile loads (they feed the tensor cores) but not
+    the small scale vectors, which it loads straight into the accumulator's layout; loading them
+    a step ahead hides their latency behind a step of work.
     """
     acc = tl.zeros((w_rows.shape[0], a_rows.shape[0]), dtype=tl.float32)
-    num_groups = k_size // 32
-    num_chunks = tl.cdiv(k_size, 64)
     offs = tl.arange(0, 32)
     w_base = w_ptr + w_rows[:, None] * stride_w_n + offs[None, :]
     a_base = a_ptr + a_rows[None, :] * stride_a_m + offs[:, None]
-    sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
-        w_scale_ptr, w_rows, w_mask, stride_ws_g, a_scale_ptr, a_rows, a_mask, stride_as_g, 0, num_groups)
-    for step in range(0, tl.cdiv(num_chunks, 2)):
-        nw0, nw1, nw2, nw3, na0, na1, na2, na3 = _group_scales(
-            w_scale_ptr, w_rows, w_mask, stride_ws_g, a_scale_ptr, a_rows, a_mask, stride_as_g, 4 * step + 4,
-            num_groups)
-        acc = _step_dot(acc, w_base, w_mask, a_base, a_mask, step, num_chunks, num_groups,
-                        sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3, PTX_DECODE, ISSUE_AHEAD)
-        sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = nw0, nw1, nw2, nw3, na0, na1, na2, na3
+    full_steps = k_size // 128
+    if ISSUE_AHEAD:
+        sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
+            w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 0)
+        for step in range(0, full_steps):
+            nw0, nw1, nw2, nw3, na0, na1, na2, na3 = _group_scales(
+                w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 4 * step + 4)
+            acc = _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
+                            False, PTX_DECODE, ISSUE_AHEAD)
+            sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = nw0, nw1, nw2, nw3, na0, na1, na2, na3
+    else:
+        # Wide row tiles: every thread holds many columns of the accumulator, so the activation
+        # scales of two steps would not fit in registers; load each step's own.
+        for step in range(0, full_steps):
+            sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
+                w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 4 * step)
+            acc = _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
+                            False, PTX_DECODE, ISSUE_AHEAD)
+        sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
+            w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 4 * full_steps)
+    if k_size % 128 != 0:
+        acc = _step_dot(acc, w_base, a_base, full_steps, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
+                        True, PTX_DECODE, ISSUE_AHEAD)
     # The decode yields value * 2^-6 (see decode_e2m1_pair); undo it once, not per group.
     return acc * 64.0
 

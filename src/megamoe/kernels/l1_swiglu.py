@@ -52,9 +52,10 @@ def _l1_swiglu_kernel(
         w_mask = col < inter
         expert64 = expert.to(tl.int64)
         if QUANTIZED:
-            acc = mxfp4_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e, w_rows, w_mask,
-                                 stride_w_n, stride_ws_g, a_ptr, a_rows, row_mask, stride_a_m, a_scale_ptr,
-                                 stride_as_g, hidden, PTX_DECODE=not UPCAST, ISSUE_AHEAD=BLOCK_M <= 32)
+            acc = mxfp4_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e,
+                                 tl.where(w_mask, w_rows, 0), stride_w_n, stride_ws_g, a_ptr,
+                                 tl.where(row_mask, a_rows, 0), stride_a_m, a_scale_ptr, stride_as_g, hidden,
+                                 PTX_DECODE=not UPCAST, ISSUE_AHEAD=BLOCK_M <= 32)
         else:
             acc = bf16_rows_dot(w_ptr + expert64 * stride_w_e, w_rows, w_mask, stride_w_n, a_ptr, a_rows, row_mask,
                                 stride_a_m, hidden, BLOCK_K=BLOCK_K, UPCAST=UPCAST)

@@ -35,9 +35,10 @@ def _l2_kernel(
         col_mask = cols < hidden
         expert64 = expert.to(tl.int64)
         if QUANTIZED:
-            acc = mxfp4_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e, cols, col_mask,
-                                 stride_w_n, stride_ws_g, inter_ptr, a_rows, row_mask, inter, inter_scale_ptr,
-                                 stride_is_g, inter, PTX_DECODE=not UPCAST, ISSUE_AHEAD=BLOCK_M <= 32)
+            acc = mxfp4_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e,
+                                 tl.where(col_mask, cols, 0), stride_w_n, stride_ws_g, inter_ptr,
+                                 tl.where(row_mask, a_rows, 0), inter, inter_scale_ptr, stride_is_g, inter,
+                                 PTX_DECODE=not UPCAST, ISSUE_AHEAD=BLOCK_M <= 32)
         else:
             acc = bf16_rows_dot(w_ptr + expert64 * stride_w_e, cols, col_mask, stride_w_n, inter_ptr, a_rows,
                                 row_mask, inter, inter, BLOCK_K=BLOCK_K, UPCAST=UPCAST)

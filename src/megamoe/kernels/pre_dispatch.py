@@ -132,7 +132,7 @@ def _pre_dispatch_torch(x, topk_idx, topk_weights, buf, scaling: float) -> None:
     if buf.mode == "fp8xfp4":
         buf.x[:tokens], buf.x_sf[:tokens] = quantize_fp8(x)
         exponents = unpack_ue8m0(buf.x_sf[:tokens], buf.hidden // SCALE_GROUP)
-        buf.x_scales[:, :tokens] = ue8m0_to_float(exponents).T
+        buf.x_scales[: buf.hidden // SCALE_GROUP, :tokens] = ue8m0_to_float(exponents).T
     else:
         buf.x[:tokens] = x
     buf.topk_idx[:tokens] = topk_idx.to(torch.int32)
