@@ -71,8 +71,9 @@ def test_whole_call_captures_in_a_cuda_graph():
         with torch.cuda.graph(graph):
             megamoe.pre_dispatch(x, idx, w, buf)
             megamoe.mega_moe(y, l1, l2, buf, recv_stats=stats)
-        graphs[tokens] = (graph, x, y, eager, stats, idx)
-    for tokens, (graph, x, y, eager, stats, idx) in graphs.items():
+        # A graph reads its inputs at replay: keep every one of them alive.
+        graphs[tokens] = (graph, x, y, eager, stats, idx, w)
+    for tokens, (graph, x, y, eager, stats, idx, _) in graphs.items():
         y.fill_(float("nan"))
         graph.replay()
         graph.replay()
