@@ -13,6 +13,12 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--stress-iterations", type=int, default=0,
+                     help="also run the heavy pressure and fault tests of tests/test_stress.py, with this many "
+                          "iterations per path and rank count (default 0: only the small CI set)")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

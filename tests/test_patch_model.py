@@ -148,7 +148,7 @@ def test_block_fp8_matches_transformers_on_mxfp4_weights(family, device):
     out = out[0] if isinstance(out, tuple) else out
     assert relative_error(out, hf_forward(block, x)) <= FP8_REFERENCE_VS_DEQUANTIZED
     ref = megamoe.reference.mega_moe_reference(
-        flat, idx, w, user.l1, user.l2, activation=spec.activation, activation_clamp=spec.activation_clamp,
+        flat, idx, w, user.l1, user.l2, activation=layer.activation, activation_clamp=layer.activation_clamp,
         routed_scaling_factor=spec.routed_scaling_factor, l1_bias=user.l1_bias, l2_bias=user.l2_bias)
     ref = ref.float().view(x.shape)
     if layer.shared_experts is not None:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -297,6 +297,17 @@ def _experts_from_module(block: nn.Module, spec: MoESpec, mode: str) -> ExpertTe
     return ExpertTensors(dense_experts(gate_up, mode), dense_experts(down, mode))
 
 
+def _module_activation(block: nn.Module, spec: MoESpec) -> MoESpec:
+    """gpt-oss experts carry their own `alpha` and `limit`; they win over the config, because
+    some transformers versions (5.17) hard-code 1.702 and 7.0 whatever the config says."""
+    experts = getattr(block, "experts", None)
+    alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
+    if alpha is not None and not math.isclose(float(alpha), GPT_OSS_ALPHA):
+        raise ValueError(f"{type(block).__name__}.experts.alpha: {alpha} is not supported "
+                         f"(the kernels use {GPT_OSS_ALPHA})")
+    return replace(spec, activation_clamp=float(limit)) if limit is not None else spec
+
+
 def layer_from_module(block: nn.Module, config, *, mode: str = "fp8xfp4", checkpoint=None,
                       prefix: str | None = None, family: str | None = None, **layer_options) -> MegaMoELayer:
     """A MegaMoELayer equivalent to a transformers MoE block (transformers 5 fused experts, or
@@ -314,6 +325,7 @@ def layer_from_module(block: nn.Module, config, *, mode: str = "fp8xfp4", checkp
     check_mode(mode)
     spec = moe_spec(config, family)
     if spec.family == "gpt_oss":
+        spec = _module_activation(block, spec)
         router_module = getattr(block, "router", None)
         if router_module is None:
             raise ValueError(f"{type(block).__name__}: has no `router` module")

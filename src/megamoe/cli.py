@@ -1,4 +1,4 @@
-"""The `megamoe` command: demo | bench | info."""
+"""The `megamoe` command: demo | bench | info | stress."""
 
 from __future__ import annotations
 
@@ -86,6 +86,12 @@ def bench(args) -> int:
     return 0
 
 
+def stress(args) -> int:
+    from .stress import run_cli
+
+    return run_cli(args)
+
+
 def main(argv=None) -> int:
     from .bench.run import DEFAULT_SHAPES, DEFAULT_TOKENS
     from .testing import MODEL_SHAPES
@@ -119,6 +125,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-loop", action="store_true", help="skip the slow per-expert loop baseline")
     p.add_argument("--no-check", action="store_true", help="skip the accuracy check")
     p.set_defaults(func=bench)
+
+    p = sub.add_parser("stress", help="reliability: random cases against the reference; --faults, --graphs, --large")
+    from .stress import add_cli_arguments
+
+    add_cli_arguments(p)
+    p.set_defaults(func=stress)
 
     args = parser.parse_args(argv)
     return args.func(args)

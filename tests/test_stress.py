@@ -1,0 +1,299 @@
+"""Reliability (issue 6): the pressure test, fault injection over gloo ranks, and the harnesses of
+the GPU-only runs (CUDA-graph soak, large sizes) at CPU sizes. The drivers are in megamoe/stress.py.
+
+Default run (CI): a few dozen seeded iterations of each CPU path, EP = 2 over gloo, the five
+default fault scenarios, and checks that every check of the driver catches the bug it is for;
+under a minute on 2 cores. `pytest --stress-iterations N tests/test_stress.py` adds N iterations
+per path and rank count (EP = 1, 2, 4) and every fault scenario at 2 and 4 ranks. On a GPU the
+in-process runs use the compiled kernels; the `gpu` tests run the soak and the large sizes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+
+import megamoe
+from megamoe import stress
+from megamoe.stress import (BAD_INPUTS, DEFAULT_FAULTS, FAULTS, LARGE_CASES, PROFILES, LargeCase, RankOutcome,
+                            draw_case, graph_soak, judge_faults, run_faults, run_large, run_stress, run_stress_ranks)
+
+from tolerances import LAYER_CONTRACT, LAYER_KERNEL_VS_REFERENCE
+
+pytestmark = pytest.mark.stress
+
+TORCH_PATH = {"TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+FAULT_TIMEOUT_S = 2.0
+
+
+@pytest.fixture
+def heavy_iterations(request):
+    n = request.config.getoption("--stress-iterations")
+    if not n:
+        pytest.skip("heavy run: pass --stress-iterations N")
+    return n
+
+
+def _assert_clean(report, iterations: int) -> None:
+    assert report.num_failures == 0, report.summary()
+    assert report.iterations == iterations
+    assert report.checks["contract"] >= iterations and report.checks["rerun"] >= iterations
+
+
+def test_contract_is_the_tests_contract():
+    assert stress.CONTRACT_RELATIVE_ERROR == LAYER_CONTRACT
+
+
+# ------------------------------------------------------------------ the random cases
+
+def test_cases_cover_what_issue_6_asks():
+    seen = Counter()
+    for i in range(3000):
+        case = draw_case(0, i, PROFILES["cpu"])
+        g = case.geometry
+        assert g.hidden % 32 == 0 and g.intermediate % 32 == 0 and 1 <= g.num_topk <= min(8, g.num_experts)
+        cap, t = g.num_max_tokens_per_rank, case.tokens[0]
+        seen.update({("T", {0: "0", 1: "1", cap - 1: "C-1", cap: "C"}[t]), ("K", g.num_topk),
+                     ("masked", case.masked_ratio), ("routing", case.routing), ("mode", g.mode),
+                     ("sf", g.intermediate_sf), ("2880", g.hidden == 2880 or g.intermediate == 2880),
+                     ("bad", case.bad_input), ("poison", None if case.poison is None else str(case.poison.value))})
+    assert {k for (kind, k) in seen if kind == "T"} == {"0", "1", "C-1", "C"}
+    assert {k for (kind, k) in seen if kind == "K"} == set(range(1, 9))
+    assert {k for (kind, k) in seen if kind == "masked"} == {0.0, 0.5, 1.0}
+    assert {k for (kind, k) in seen if kind == "routing"} == set(stress.ROUTINGS)
+    assert {k for (kind, k) in seen if kind == "poison"} == {None, "nan", "inf", "-inf"}
+    assert {k for (kind, k) in seen if kind == "bad"} == {None} | {b.name for b in BAD_INPUTS}
+    assert seen["mode", "bf16xbf16"] and seen["sf", "fp32"] and seen["2880", True]
+
+
+def test_cases_are_reproducible_and_fit_the_ranks():
+    for ranks in (1, 2, 4):
+        for i in range(200):
+            case = draw_case(7, i, PROFILES["gpu"], ranks)
+            assert case == draw_case(7, i, PROFILES["gpu"], ranks)
+            assert case.geometry.num_experts % ranks == 0 and len(case.tokens) == ranks
+    case = draw_case(7, 3, PROFILES["cpu"], 2)
+    for first, again in zip(stress.make_inputs(case), stress.make_inputs(case)):
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    # Iterations of one block share a geometry (and so a buffer); the next block draws anew.
+    assert draw_case(0, 4, PROFILES["cpu"]).geometry == draw_case(0, 7, PROFILES["cpu"]).geometry
+
+
+def test_random_inputs_are_never_zero():
+    case = draw_case(3, 1, PROFILES["cpu"])
+    for x, idx, weights in stress.make_inputs(case):
+        assert bool((x != 0).all()) and bool((weights > 0).all())
+        routed = idx[idx >= 0]
+        assert routed.numel() == 0 or int(routed.max()) < case.geometry.num_experts
+        for row in idx.tolist():   # distinct experts per token
+            ids = [e for e in row if e >= 0]
+            assert len(set(ids)) == len(ids)
+
+
+# ------------------------------------------------------------------ pressure test
+
+def test_pressure_torch_path(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    report = run_stress(200, seed=0, profile="cpu", device="cpu", tolerance=LAYER_KERNEL_VS_REFERENCE)
+    _assert_clean(report, 200)
+    assert report.poisons and report.bad_inputs and report.checks["nan_confined"] and report.routed_rows > 1000
+
+
+def test_pressure_kernels(device):
+    """The Triton kernels: in the interpreter on the CPU (tiny sizes), compiled on a GPU."""
+    report = run_stress(12, seed=0, profile="tiny", device=device, tolerance=LAYER_KERNEL_VS_REFERENCE)
+    _assert_clean(report, 12)
+    assert report.routed_rows > 0 and report.poisons
+
+
+def test_pressure_two_gloo_ranks(tmp_path):
+    report = run_stress_ranks(24, 2, seed=0, profile="cpu", tolerance=LAYER_KERNEL_VS_REFERENCE, workdir=tmp_path,
+                              env_vars=TORCH_PATH, deadline_s=150)
+    _assert_clean(report, 24)
+    assert report.checks["contract"] == 48   # both ranks checked every iteration
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+@pytest.mark.parametrize("path", ["interpreter", "torch"])
+def test_pressure_heavy(ranks, path, heavy_iterations, tmp_path, monkeypatch):
+    if path == "interpreter" and torch.cuda.is_available():
+        pytest.skip("the interpreter path is for CPU-only machines")
+    interpret = {"interpreter": "1", "torch": "0"}[path]
+    profile = "cpu" if path == "torch" else "tiny"
+    if ranks == 1:
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        report = run_stress(heavy_iterations, seed=ranks, profile=profile, device="cpu",
+                            tolerance=LAYER_KERNEL_VS_REFERENCE)
+    else:
+        report = run_stress_ranks(heavy_iterations, ranks, seed=ranks, profile=profile,
+                                  tolerance=LAYER_KERNEL_VS_REFERENCE, workdir=tmp_path,
+                                  env_vars={"TRITON_INTERPRET": interpret, "OMP_NUM_THREADS": "1"})
+    print(report.summary())
+    _assert_clean(report, heavy_iterations)
+
+
+# ------------------------------------------------------------------ the checks catch bugs
+
+_CALLS = itertools.count()
+
+
+def _flip_low_bit(y, l1, l2, buf, activation_clamp=None, recv_stats=None, *, activation="swiglu"):
+    """A different element of each call's y is one BF16 step off: a nondeterministic kernel."""
+    megamoe.mega_moe(y, l1, l2, buf, activation_clamp, recv_stats, activation=activation)
+    if y.numel():
+        y.view(torch.int16).view(-1)[next(_CALLS) % y.numel()] ^= 1
+
+
+def _leak_nan(y, l1, l2, buf, activation_clamp=None, recv_stats=None, *, activation="swiglu"):
+    megamoe.mega_moe(y, l1, l2, buf, activation_clamp, recv_stats, activation=activation)
+    bad = (~torch.isfinite(y.float())).any(dim=1).nonzero().flatten()
+    if bad.numel() and y.shape[0] > 1:
+        y[(bad[0] + 1) % y.shape[0]] = float("nan")
+
+
+def _nonzero_masked(y, l1, l2, buf, activation_clamp=None, recv_stats=None, *, activation="swiglu"):
+    megamoe.mega_moe(y, l1, l2, buf, activation_clamp, recv_stats, activation=activation)
+    masked = (buf.topk_idx[: y.shape[0]] < 0).all(dim=1)
+    y[masked] = 2.0**-100
+
+
+def _count_twice(y, l1, l2, buf, activation_clamp=None, recv_stats=None, *, activation="swiglu"):
+    megamoe.mega_moe(y, l1, l2, buf, activation_clamp, recv_stats, activation=activation)
+    if recv_stats is not None:
+        recv_stats += 1
+
+
+def _scale_output(y, l1, l2, buf, activation_clamp=None, recv_stats=None, *, activation="swiglu"):
+    megamoe.mega_moe(y, l1, l2, buf, activation_clamp, recv_stats, activation=activation)
+    y.mul_(1.03)
+
+
+def _accept_everything(x, topk_idx, topk_weights, buf, routed_scaling_factor=1.0):
+    try:
+        megamoe.pre_dispatch(x, topk_idx, topk_weights, buf, routed_scaling_factor)
+    except (TypeError, ValueError):
+        pass
+
+
+def _write_then_check(x, topk_idx, topk_weights, buf, routed_scaling_factor=1.0):
+    buf.meta[5] += 1   # an unused meta word: any write before the checks is a finding
+    megamoe.pre_dispatch(x, topk_idx, topk_weights, buf, routed_scaling_factor)
+
+
+@pytest.mark.parametrize("target, broken, check", [
+    ("mega_moe", _flip_low_bit, "rerun"),
+    ("mega_moe", _leak_nan, "nan_confined"),
+    ("mega_moe", _nonzero_masked, "masked_zero"),
+    ("mega_moe", _count_twice, "recv_stats"),
+    ("mega_moe", _scale_output, "contract"),
+    ("pre_dispatch", _accept_everything, "bad_input"),
+    ("pre_dispatch", _write_then_check, "bad_input"),
+], ids=lambda v: getattr(v, "__name__", v))
+def test_checks_catch_injected_bugs(target, broken, check, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(stress, target, broken)
+    report = run_stress(40, seed=0, profile="cpu", device="cpu", tolerance=LAYER_KERNEL_VS_REFERENCE)
+    assert report.num_failures > 0
+    assert any(f": {check}: " in f for f in report.failures), report.summary()
+
+
+# ------------------------------------------------------------------ fault injection
+
+@pytest.fixture(scope="module")
+def default_faults(tmp_path_factory):
+    return run_faults(2, DEFAULT_FAULTS, timeout_s=FAULT_TIMEOUT_S, tolerance=LAYER_KERNEL_VS_REFERENCE,
+                      workdir=tmp_path_factory.mktemp("faults"), env_vars=TORCH_PATH)
+
+
+@pytest.mark.parametrize("scenario", DEFAULT_FAULTS)
+def test_fault_over_gloo(scenario, default_faults):
+    result = default_faults.results[scenario]
+    assert result["problems"] == [], default_faults.summary()
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_faults_heavy(ranks, heavy_iterations, tmp_path):
+    report = run_faults(ranks, FAULTS, timeout_s=FAULT_TIMEOUT_S, tolerance=LAYER_KERNEL_VS_REFERENCE,
+                        workdir=tmp_path, env_vars=TORCH_PATH)
+    print(report.summary())
+    assert report.num_failures == 0, report.summary()
+
+
+def _outcome(rank, scenario, outcome="ok", seconds=0.1, message="", value=0.0, status="returned"):
+    return RankOutcome(rank, status, value={scenario: {"outcome": outcome, "seconds": seconds, "message": message,
+                                                      "value": value}})
+
+
+@pytest.mark.parametrize("scenario, outcomes", [
+    ("late_half", [_outcome(0, "late_half", "TimeoutError", 2.0, "mega_moe (rank 0): ..."),
+                   _outcome(1, "late_half")]),
+    ("late_half", [_outcome(0, "late_half", value=0.5), _outcome(1, "late_half")]),   # wrong result
+    ("late_double", [_outcome(0, "late_double", "TimeoutError", 9.0, "mega_moe (rank 0): ... MEGAMOE_TIMEOUT_S"),
+                     _outcome(1, "late_double", "TimeoutError", 2.0, "mega_moe (rank 1): ...")]),   # too slow
+    ("killed_dispatch", [RankOutcome(0, "hung"), RankOutcome(1, "died")]),
+    ("killed_dispatch", [_outcome(0, "killed_dispatch", "RuntimeError", 0.1, "mega_moe (rank 0): failed"),
+                         _outcome(1, "killed_dispatch")]),                                      # victim lived
+    ("killed_combine", [_outcome(0, "killed_combine", "RuntimeError", 0.1, "Connection closed"),
+                        RankOutcome(1, "died")]),                                               # unnamed collective
+    ("mismatched_capacity", [_outcome(0, "mismatched_capacity"), _outcome(1, "mismatched_capacity")]),
+])
+def test_judge_flags_what_issue_6_forbids(scenario, outcomes):
+    assert judge_faults(scenario, outcomes, FAULT_TIMEOUT_S, LAYER_KERNEL_VS_REFERENCE)
+
+
+def test_fault_arguments_are_checked():
+    with pytest.raises(ValueError, match="scenarios"):
+        run_faults(2, ["killed_everything"])
+    with pytest.raises(ValueError, match="num_ranks"):
+        run_faults(1)
+
+
+# ------------------------------------------------------------------ GPU-only harnesses at CPU sizes
+
+def test_graph_soak_bookkeeping_on_cpu(monkeypatch):
+    """The soak's refresh / eager / compare / recv_stats bookkeeping, with eager "replays"."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    result = graph_soak(60, 10, batch_sizes=(1, 3, 8), num_experts=8, num_topk=3, hidden=64, intermediate=32,
+                        device="cpu", tolerance=LAYER_KERNEL_VS_REFERENCE)
+    assert not result["captured"]
+    assert result["failures"] == [] and result["checks"] == 6
+
+
+def test_large_size_harness_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    case = LargeCase("cpu-sized", 4, 2, 96, 64, 300, "harness check only")
+    result = run_large(case, device="cpu", chunk_tokens=128, tolerance=LAYER_KERNEL_VS_REFERENCE)
+    assert result["ok"] and result["pre_dispatch_last_rows_exact"], result
+
+
+def test_cli_stress_runs_and_writes_json(tmp_path, monkeypatch, capsys):
+    from megamoe.cli import main
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = tmp_path / "stress.json"
+    assert main(["stress", "--iterations", "6", "--profile", "cpu", "--seed", "3", "--json", str(out)]) == 0
+    assert "failures: 0" in capsys.readouterr().out
+    assert '"iterations": 6' in out.read_text()
+
+
+@pytest.mark.gpu
+def test_graph_soak_on_gpu():
+    result = graph_soak(10000, 100, tolerance=LAYER_KERNEL_VS_REFERENCE)
+    assert result["captured"] and result["checks"] == 100
+    assert result["failures"] == [], result["failures"][:10]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", LARGE_CASES, ids=lambda c: c.name)
+def test_large_sizes_on_gpu(case):
+    result = run_large(case, tolerance=LAYER_KERNEL_VS_REFERENCE)
+    assert result["ok"], result
+
+
+@pytest.mark.gpu
+def test_pressure_on_gpu():
+    report = run_stress(200, seed=0, profile="gpu", tolerance=LAYER_KERNEL_VS_REFERENCE)
+    _assert_clean(report, 200)
