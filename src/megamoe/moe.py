@@ -64,8 +64,10 @@ def mega_moe(y: torch.Tensor, l1: ExpertWeights, l2: ExpertWeights, buf: MegaMoE
                 added to it (never overwritten).
     activation: "swiglu" (SiLU(gate) * up) or "gpt_oss" (gate * sigmoid(1.702 gate) * (up + 1)).
 
-    No host synchronisation on the GPU at EP = 1 and with the symmetric-memory backend: the
-    call can be captured in a CUDA graph.
+    With a process group every rank must call it, also with T = 0. At EP = 1 there is no host
+    synchronisation on the GPU: the call can be captured in a CUDA graph (after one call with
+    the same arguments, which compiles the kernels). The NCCL backend synchronises with the
+    host once per call (its split sizes) and cannot be captured.
     """
     _check_call(y, l1, l2, buf, activation_clamp, recv_stats, activation)
     opts = ExpertOptions(activation, activation_clamp)
