@@ -84,6 +84,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
     grid = (_num_tiles_bound(num_entries, experts, cfg.block_m) * col_tiles,)
     w_sf = l1.w_sf if quantized else placeholder
     a_scales = a_scales if quantized else placeholder
+    wide = max(a_scales.numel(), buf.inter_scales.numel(), l1.w_sf.numel() if quantized else 0) >= 2**31
     _l1_swiglu_kernel[grid](
         a, a_scales, a.stride(0), a_scales.stride(0),
         route_weights, buf.sorted_rows, buf.expert_offsets,
@@ -96,7 +97,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         INTER_SF_FP32=buf.intermediate_sf == "fp32", A_BY_TOKEN=True,
         HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(),
+        UPCAST=_upcast(), WIDE_SCALES=wide,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -110,6 +111,7 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights) -> None:
     col_tiles = triton.cdiv(hidden, cfg.block_n)
     grid = (_num_tiles_bound(num_entries, experts, cfg.block_m) * col_tiles,)
     w_sf = l2.w_sf if quantized else placeholder
+    wide = max(buf.inter_scales.numel(), w_sf.numel()) >= 2**31
     _l2_kernel[grid](
         buf.inter, buf.inter_scales, buf.inter_scales.stride(0), buf.sorted_rows, buf.expert_offsets, route_weights,
         l2.w, w_sf, l2.w.stride(0), l2.w.stride(1), w_sf.stride(0), w_sf.stride(1),
@@ -117,7 +119,7 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights) -> None:
         out, hidden, inter, experts, col_tiles,
         QUANTIZED=quantized, HAS_BIAS=l2.bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(),
+        UPCAST=_upcast(), WIDE_SCALES=wide,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

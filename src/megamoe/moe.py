@@ -39,6 +39,11 @@ def _check_call(y, l1, l2, buf, activation_clamp, recv_stats, activation) -> Non
                          f"{tuple(y.shape)} strides {y.stride()}")
     if y.shape[0] > buf.num_max_tokens_per_rank:
         raise ValueError(f"y: {y.shape[0]} tokens exceed the buffer's capacity of {buf.num_max_tokens_per_rank}")
+    if buf.last_num_tokens is None:
+        raise RuntimeError("mega_moe: call pre_dispatch on this buffer first")
+    if y.shape[0] != buf.last_num_tokens:
+        raise ValueError(f"y: expected {buf.last_num_tokens} rows, the num_tokens of the last pre_dispatch, "
+                         f"got shape {tuple(y.shape)}")
     _check_weights("l1", l1, buf, 2 * buf.intermediate, buf.hidden)
     _check_weights("l2", l2, buf, buf.hidden, buf.intermediate)
     check_activation(activation)

@@ -38,9 +38,11 @@ NCCL on GPUs), MEGAMOE_TIMEOUT_S = `timeout_s`:
     late_double          the last rank calls 2 * timeout late: the others raise TimeoutError
                          within timeout + 5 s, and the late rank raises too when it arrives
     killed_counts / killed_dispatch / killed_combine
-                         the last rank SIGKILLs itself right after issuing the count all_gather,
-                         the dispatch or the return all_to_all_single: every other rank raises
-                         TimeoutError or RuntimeError naming the collective within timeout + 5 s
+                         the last rank SIGKILLs itself mid-call, right before it would issue the
+                         count all_gather, the dispatch or the return all_to_all_single (the
+                         combine's input): every other rank raises TimeoutError or RuntimeError
+                         naming the collective within timeout + 5 s. (Killed just after issuing,
+                         its rows may already be delivered, and the others rightly finish.)
 
 Every rank runs in its own spawned process (`spawn_ranks`): file-store rendezvous, one
 faulthandler deadline per process, a parent that kills whatever is still alive at the deadline;
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import json
 import math
 import multiprocessing
 import os
@@ -66,6 +69,7 @@ import random
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
@@ -173,7 +177,8 @@ class StressCase:
 
     def describe(self) -> str:
         g = self.geometry
-        poison = "" if self.poison is None else f" poison={self.poison.value}@rank{self.poison.rank}/t{self.poison.token}"
+        p = self.poison
+        poison = "" if p is None else f" poison={p.value}@rank{p.rank}/t{p.token}"
         return (f"E={g.num_experts} K={g.num_topk} H={g.hidden} I={g.intermediate} C={g.num_max_tokens_per_rank} "
                 f"{g.mode}/{g.intermediate_sf} T={list(self.tokens)} {self.routing} masked={self.masked_ratio} "
                 f"{self.activation} clamp={self.activation_clamp} scale={self.routed_scaling_factor:g}{poison}"
@@ -695,7 +700,8 @@ def spawn_ranks(fn, num_ranks: int, *args, workdir: Path, backend: str = "gloo",
     """fn(rank, num_ranks, group, *args) in one spawned process per rank; an outcome per rank.
 
     The ranks meet through a file in `workdir` (a fresh directory per call). Each process
-    dumps its stacks and exits at `deadline_s`; the parent waits until every rank has a result
+    dumps its stacks and exits at `deadline_s`, or as soon as the parent is gone; the parent waits
+    until every rank has a result
     or is gone, then lets the ranks exit together (so no rank's exit disturbs a peer still
     running) and kills any process still alive. A rank may die (fault injection): that is an
     outcome, not an error. env_vars: variables the ranks need at start (TRITON_INTERPRET).
@@ -711,7 +717,7 @@ def spawn_ranks(fn, num_ranks: int, *args, workdir: Path, backend: str = "gloo",
         pg_timeout = pg_timeout_s if pg_timeout_s is not None else max(60.0, 4 * env.timeout_s())
         procs = [ctx.Process(target=_rank_main, daemon=True,
                              args=(fn, r, num_ranks, backend, str(workdir / "rendezvous"), str(release),
-                                   str(results[r]), args, deadline_s, pg_timeout))
+                                   str(results[r]), args, deadline_s, pg_timeout, os.getpid()))
                  for r in range(num_ranks)]
         for p in procs:
             p.start()
@@ -744,8 +750,17 @@ def spawn_ranks(fn, num_ranks: int, *args, workdir: Path, backend: str = "gloo",
     return outcomes
 
 
-def _rank_main(fn, rank, num_ranks, backend, init_file, release_file, result_file, args, deadline_s, pg_timeout_s):
+def _exit_with_parent(parent_pid: int) -> None:
+    # A parent killed from outside (a `timeout`, the device tool) must not leave ranks behind.
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _rank_main(fn, rank, num_ranks, backend, init_file, release_file, result_file, args, deadline_s, pg_timeout_s,
+               parent_pid):
     faulthandler.dump_traceback_later(deadline_s, exit=True)
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     # The ranks may share few cores: one thread each keeps them from starving one another.
     torch.set_num_threads(1)
     try:
@@ -780,7 +795,7 @@ _FAULT_LOCAL_EXPERTS, _FAULT_TOPK, _FAULT_HIDDEN, _FAULT_INTER, _FAULT_CAPACITY 
 
 
 def _arm_kill(phase: str) -> None:
-    """SIGKILL this process right after it issues the collective of `phase` in its next call.
+    """SIGKILL this process right before it issues the collective of `phase` in its next call.
 
     The nccl backend issues, in order: the count all_gather, the dispatch all_to_all_single,
     the return all_to_all_single (the combine's input). It calls them through the
@@ -789,16 +804,14 @@ def _arm_kill(phase: str) -> None:
     name = "all_gather" if phase == "counts" else "all_to_all_single"
     nth = 2 if phase == "combine" else 1
     original = getattr(dist, name)
-    issued = [0]
+    calls = iter(range(1, nth + 1))
 
-    def issue_then_die(*args, **kwargs):
-        work = original(*args, **kwargs)
-        issued[0] += 1
-        if issued[0] == nth:
+    def die_at_nth(*args, **kwargs):
+        if next(calls, None) == nth:
             os.kill(os.getpid(), signal.SIGKILL)
-        return work
+        return original(*args, **kwargs)
 
-    setattr(dist, name, issue_then_die)
+    setattr(dist, name, die_at_nth)
 
 
 def _outcome(fn) -> dict:
@@ -1152,6 +1165,8 @@ def add_cli_arguments(p) -> None:
                    help=f"relative error allowed against the reference (default {CONTRACT_RELATIVE_ERROR:g}, "
                         "the precision contract)")
     p.add_argument("--block-len", type=int, default=4, help="iterations that share one geometry and buffer")
+    p.add_argument("--deadline", type=float, default=3600.0,
+                   help="seconds each spawned rank may run before it dumps its stacks and exits (--ranks > 1)")
     p.add_argument("--faults", action="store_true", help="run the fault-injection scenarios instead")
     p.add_argument("--scenarios", default=",".join(DEFAULT_FAULTS), help=f"comma list of {', '.join(FAULTS)}")
     p.add_argument("--timeout", type=float, default=3.0, help="MEGAMOE_TIMEOUT_S for --faults (default 3)")
@@ -1165,8 +1180,6 @@ def add_cli_arguments(p) -> None:
 
 def run_cli(args) -> int:
     """`megamoe stress`: exit status 0 when nothing failed."""
-    import json
-
     use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     backend = "nccl" if use_cuda else "gloo"
     nccl_env = {"NCCL_NVLS_ENABLE": "0"} if use_cuda else None   # DESIGN.md section 8
@@ -1178,8 +1191,9 @@ def run_cli(args) -> int:
     elif args.graphs:
         result = graph_soak(args.replays, args.check_every, device=args.device, seed=args.seed,
                             tolerance=args.tolerance, progress=lambda n: print(f"  {n} replays", flush=True))
-        print(f"CUDA-graph soak: {result['replays']} replays, {result['checks']} compared with eager, max relative "
-              f"error {result['max_relative_error']:.3e}, {result['seconds']:.1f} s, failures "
+        how = "captured" if result["captured"] else "NOT captured: no CUDA device, replays run eagerly"
+        print(f"CUDA-graph soak ({how}): {result['replays']} replays, {result['checks']} compared with eager, max "
+              f"relative error {result['max_relative_error']:.3e}, {result['seconds']:.1f} s, failures "
               f"{len(result['failures'])}")
         for f in result["failures"][:MAX_FAILURES_KEPT]:
             print(f"  {f}")
@@ -1205,7 +1219,7 @@ def run_cli(args) -> int:
         if args.ranks > 1:
             report = run_stress_ranks(args.iterations, args.ranks, seed=args.seed, start=args.start, profile=profile,
                                       backend=backend, tolerance=args.tolerance, block_len=args.block_len,
-                                      env_vars=nccl_env)
+                                      env_vars=nccl_env, deadline_s=args.deadline)
         else:
             report = run_stress(args.iterations, seed=args.seed, start=args.start, profile=profile,
                                 device=args.device, tolerance=args.tolerance, block_len=args.block_len,

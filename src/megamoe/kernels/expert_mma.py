@@ -45,12 +45,15 @@ def decode_e2m1_pair_packed(packed):
 
 
 @triton.jit
-def _group_scales(w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, g):
+def _group_scales(w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, g, WIDE: tl.constexpr):
     """Weight scales [BLOCK_W] and activation scales [BLOCK_M] of groups g .. g+3, as fp32.
 
     Unmasked: both scale arrays have a multiple of 4 groups (padding holds 1.0) and the rows
-    are valid indices, so even the prefetch past the last step stays in bounds.
+    are valid indices, so even the prefetch past the last step stays in bounds. WIDE: 64-bit
+    group offsets, for scale tables of 2^31 entries or more (they cost registers otherwise).
     """
+    if WIDE:
+        g = tl.full((), 0, tl.int64) + g
     sw0 = tl.load(w_scale_ptr + g * stride_ws_g + w_rows).to(tl.float32)
     sw1 = tl.load(w_scale_ptr + (g + 1) * stride_ws_g + w_rows).to(tl.float32)
     sw2 = tl.load(w_scale_ptr + (g + 2) * stride_ws_g + w_rows).to(tl.float32)
@@ -115,7 +118,7 @@ def _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, s
 @triton.jit
 def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_n, stride_ws_g,
                    a_ptr, a_rows, stride_a_m, a_scale_ptr, stride_as_g, k_size,
-                   PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr):
+                   PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr, WIDE_SCALES: tl.constexpr):
     """W[w_rows, :k_size] @ A[a_rows, :k_size].T as fp32 [BLOCK_W, BLOCK_M]; MXFP4 W, FP8 A.
 
     w_ptr:       uint8, packed chunks of the expert (weights.py layout); w_rows [BLOCK_W] int,
@@ -126,6 +129,7 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_n, stride_ws_g,
     a_scale_ptr: float32 [G4, *] group scales of the rows, transposed (stride_as_g between
                  groups). G4 = ceil(k_size / 128) * 4: both scale arrays are padded to whole steps.
     PTX_DECODE:  decode four bytes per instruction with inline PTX (not in the interpreter).
+    WIDE_SCALES: 64-bit offsets into the scale tables (see `_group_scales`).
     ISSUE_AHEAD: narrow row tiles (decode): the step's four MMAs go out back to back (see
                  `_step_dot`) and each step loads the next step's scales.
 
@@ -141,10 +145,10 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_n, stride_ws_g,
     full_steps = k_size // 128
     if ISSUE_AHEAD:
         sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
-            w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 0)
+            w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 0, WIDE_SCALES)
         for step in range(0, full_steps):
             nw0, nw1, nw2, nw3, na0, na1, na2, na3 = _group_scales(
-                w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 4 * step + 4)
+                w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 4 * step + 4, WIDE_SCALES)
             acc = _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
                             False, PTX_DECODE, ISSUE_AHEAD)
             sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = nw0, nw1, nw2, nw3, na0, na1, na2, na3
@@ -153,11 +157,11 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_n, stride_ws_g,
         # scales of two steps would not fit in registers; load each step's own.
         for step in range(0, full_steps):
             sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
-                w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 4 * step)
+                w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 4 * step, WIDE_SCALES)
             acc = _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
                             False, PTX_DECODE, ISSUE_AHEAD)
         sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
-            w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 4 * full_steps)
+            w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 4 * full_steps, WIDE_SCALES)
     if k_size % 128 != 0:
         acc = _step_dot(acc, w_base, a_base, full_steps, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
                         True, PTX_DECODE, ISSUE_AHEAD)

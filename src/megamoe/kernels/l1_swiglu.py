@@ -32,7 +32,7 @@ def _l1_swiglu_kernel(
     QUANTIZED: tl.constexpr, HAS_CLAMP: tl.constexpr, INTER_SF_FP32: tl.constexpr, A_BY_TOKEN: tl.constexpr,
     HAS_BIAS: tl.constexpr, GPT_OSS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile_m = pid // num_cols_tiles
@@ -55,7 +55,8 @@ def _l1_swiglu_kernel(
             acc = mxfp4_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e,
                                  tl.where(w_mask, w_rows, 0), stride_w_n, stride_ws_g, a_ptr,
                                  tl.where(row_mask, a_rows, 0), stride_a_m, a_scale_ptr, stride_as_g, hidden,
-                                 PTX_DECODE=not UPCAST, ISSUE_AHEAD=BLOCK_M <= 32)
+                                 PTX_DECODE=not UPCAST, ISSUE_AHEAD=BLOCK_M <= 32,
+                                 WIDE_SCALES=WIDE_SCALES)
         else:
             acc = bf16_rows_dot(w_ptr + expert64 * stride_w_e, w_rows, w_mask, stride_w_n, a_ptr, a_rows, row_mask,
                                 stride_a_m, hidden, BLOCK_K=BLOCK_K, UPCAST=UPCAST)

@@ -21,7 +21,7 @@ def _l2_kernel(
     out_ptr, hidden, inter, num_local_experts, num_cols_tiles,
     QUANTIZED: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile_m = pid // num_cols_tiles
@@ -38,7 +38,8 @@ def _l2_kernel(
             acc = mxfp4_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e,
                                  tl.where(col_mask, cols, 0), stride_w_n, stride_ws_g, inter_ptr,
                                  tl.where(row_mask, a_rows, 0), inter, inter_scale_ptr, stride_is_g, inter,
-                                 PTX_DECODE=not UPCAST, ISSUE_AHEAD=BLOCK_M <= 32)
+                                 PTX_DECODE=not UPCAST, ISSUE_AHEAD=BLOCK_M <= 32,
+                                 WIDE_SCALES=WIDE_SCALES)
         else:
             acc = bf16_rows_dot(w_ptr + expert64 * stride_w_e, cols, col_mask, stride_w_n, inter_ptr, a_rows,
                                 row_mask, inter, inter, BLOCK_K=BLOCK_K, UPCAST=UPCAST)

@@ -105,6 +105,7 @@ def pre_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Te
         if low < -1 or high >= buf.num_experts:
             raise ValueError(f"topk_idx: expert ids must lie in [-1, {buf.num_experts}), got [{low}, {high}]")
 
+    buf.last_num_tokens = tokens
     if not use_triton(buf.device):
         _pre_dispatch_torch(x, topk_idx, topk_weights, buf, float(routed_scaling_factor))
         return

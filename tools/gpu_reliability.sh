@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU-only runs of issue 6 (docs/RELIABILITY.md says what each checks).
+#
+#   tools/gpu_reliability.sh STEP [OUT_DIR]      OUT_DIR defaults to reliability_out
+#
+# One step per command, each under `timeout` (the device tool allows 10 minutes a command):
+#
+#   stress-ep1   1000 random cases at EP = 1 against the reference        (1 GPU)
+#   stress-ep2   1000 random cases at EP = 2 over NCCL                     (2 GPUs)
+#   stress-ep4   1000 random cases at EP = 4 over NCCL                     (4 GPUs)
+#   faults-2     every fault scenario on 2 ranks over NCCL                 (2 GPUs)
+#   faults-4     every fault scenario on 4 ranks over NCCL                 (4 GPUs)
+#   graphs       4 batch sizes captured on one buffer, 10000 replays, every 100th against eager
+#   large        cases past 2^31 elements (x, combine rows, y) against the reference  (1 GPU, up to ~30 GB)
+#   memcheck     compute-sanitizer memcheck on a few tiny random cases (1 GPU)
+#   racecheck    compute-sanitizer racecheck on the same
+#   pytest       the gpu-marked tests of tests/test_stress.py
+#
+# Each step writes OUT_DIR/STEP.log (and .json where there is one) and appends its exit status
+# to OUT_DIR/summary.txt. Start with `stress-ep1 ITERATIONS=50` to see the time per iteration
+# (new shapes compile new kernels), e.g.  ITERATIONS=50 tools/gpu_reliability.sh stress-ep1
+set -u
+
+STEP=${1:?usage: tools/gpu_reliability.sh STEP [OUT_DIR]}
+OUT=${2:-reliability_out}
+ITERATIONS=${ITERATIONS:-1000}
+mkdir -p "$OUT"
+# The working tree's package, installed or not.
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)/src${PYTHONPATH:+:$PYTHONPATH}"
+MEGAMOE="python -m megamoe.cli"
+# DESIGN.md section 8: NVLink multicast stays off.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+
+run() {   # run LIMIT_S COMMAND...: bounded, logged, status recorded
+    local limit=$1
+    shift
+    echo "== $STEP: $*" | tee "$OUT/$STEP.log"
+    timeout --signal=KILL "$limit" "$@" >> "$OUT/$STEP.log" 2>&1
+    local status=$?
+    echo "$STEP: exit $status ($(date -u +%FT%TZ))" | tee -a "$OUT/summary.txt"
+    tail -n 25 "$OUT/$STEP.log"
+    return $status
+}
+
+if [ "$STEP" = memcheck ] || [ "$STEP" = racecheck ]; then
+    SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+    if [ -z "$SANITIZER" ]; then
+        echo "$STEP: compute-sanitizer not found (PATH, /usr/local/cuda*/bin)" | tee -a "$OUT/summary.txt"
+        exit 2
+    fi
+fi
+
+case "$STEP" in
+    stress-ep1) run 570 $MEGAMOE stress --iterations "$ITERATIONS" --profile gpu --json "$OUT/$STEP.json" ;;
+    stress-ep2) run 570 $MEGAMOE stress --iterations "$ITERATIONS" --profile gpu --ranks 2 --deadline 540 \
+        --json "$OUT/$STEP.json" ;;
+    stress-ep4) run 570 $MEGAMOE stress --iterations "$ITERATIONS" --profile gpu --ranks 4 --deadline 540 \
+        --json "$OUT/$STEP.json" ;;
+    faults-2) run 570 $MEGAMOE stress --faults --ranks 2 --timeout 10 \
+        --scenarios mismatched_capacity,late_half,late_double,killed_counts,killed_dispatch,killed_combine \
+        --json "$OUT/$STEP.json" ;;
+    faults-4) run 570 $MEGAMOE stress --faults --ranks 4 --timeout 10 \
+        --scenarios mismatched_capacity,late_half,late_double,killed_counts,killed_dispatch,killed_combine \
+        --json "$OUT/$STEP.json" ;;
+    graphs) run 570 $MEGAMOE stress --graphs --replays 10000 --check-every 100 --json "$OUT/$STEP.json" ;;
+    large) run 570 $MEGAMOE stress --large --json "$OUT/$STEP.json" ;;
+    memcheck)
+        # No caching allocator: each tensor is its own allocation, so memcheck sees overruns between
+        # tensors. (The buffer's regions share one allocation: an overrun from one region into the
+        # next is invisible to it; the stress checks' results catch those.)
+        run 570 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 99 \
+            --print-limit 50 $MEGAMOE stress --iterations 6 --profile tiny --device cuda ;;
+    racecheck)
+        run 570 "$SANITIZER" --tool racecheck --racecheck-report all --error-exitcode 99 --print-limit 50 \
+            $MEGAMOE stress --iterations 4 --profile tiny --device cuda ;;
+    pytest) run 570 python -m pytest -q -m gpu tests/test_stress.py ;;
+    *) echo "unknown step $STEP (see the header of $0)"; exit 2 ;;
+esac
