@@ -13,7 +13,6 @@ are passed in `env`: a spawned process reads them at start.
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import multiprocessing
 import os
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from megamoe.stress import environ_override
 
 DEADLINE_S = 150
 """Most seconds a run_ranks call may take, start-up of every rank included."""
@@ -43,7 +44,7 @@ def run_ranks(fn, num_ranks: int, *args, workdir: Path, env: dict[str, str] | No
     procs = [ctx.Process(target=_worker, args=(fn, r, num_ranks, backend, str(init_file), args, str(outs[r]),
                                                deadline_s), daemon=True)
              for r in range(num_ranks)]
-    with _environ(env or {}):
+    with environ_override(env or {}):
         for p in procs:
             p.start()
     end = time.monotonic() + deadline_s + 5
@@ -89,15 +90,3 @@ def _worker(fn, rank, num_ranks, backend, init_file, args, out, deadline_s):
     os._exit(0)
 
 
-@contextlib.contextmanager
-def _environ(values: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

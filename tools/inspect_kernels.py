@@ -56,7 +56,7 @@ def variants():
     for rows_per_expert in (1, 200):
         cfg = pick_config("l1", rows_per_expert * 256, 256)
         yield ("l1", cfg), _l1_swiglu_kernel, L1_TYPES, dict(
-            QUANTIZED=True, HAS_CLAMP=False, INTER_SF_FP32=False, A_BY_TOKEN=True, HAS_BIAS=False, GPT_OSS=False,
+            QUANTIZED=True, HAS_CLAMP=False, INTER_SF_FP32=False, HAS_BIAS=False, GPT_OSS=False,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False, WIDE_SCALES=False)
         cfg = pick_config("l2", rows_per_expert * 256, 256)
         yield ("l2", cfg), _l2_kernel, L2_TYPES, dict(

@@ -34,9 +34,16 @@ class ExpertOptions:
     activation_clamp: float | None = None
 
 
-def _num_tiles_bound(num_rows: int, num_experts: int, block_m: int) -> int:
-    """Most row tiles `num_rows` rows can need when each expert's rows are tiled separately."""
-    return triton.cdiv(num_rows, block_m) + min(num_experts, num_rows)
+def _tiling(which: str, num_entries: int, num_experts: int, width: int):
+    """(config, column tiles, grid) of a grouped GEMM writing `width` output columns.
+
+    The grid covers the most row tiles the entries can need when each expert's rows are tiled
+    separately (known on the host without a sync); programs past the real tiles exit at once.
+    """
+    cfg = pick_config(which, num_entries, num_experts)
+    col_tiles = triton.cdiv(width, cfg.block_n)
+    row_tiles = triton.cdiv(num_entries, cfg.block_m) + min(num_experts, num_entries)
+    return cfg, col_tiles, (row_tiles * col_tiles,)
 
 
 def run_experts(buf, routing: torch.Tensor, num_entries: int, entries_per_row: int, a: torch.Tensor,
@@ -79,9 +86,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
     # bf16xbf16 has no weight scales and a layer may have no bias: the kernel never reads
     # these placeholder pointers then.
     placeholder = l1.w
-    cfg = pick_config("l1", num_entries, experts)
-    col_tiles = triton.cdiv(inter, cfg.block_n)
-    grid = (_num_tiles_bound(num_entries, experts, cfg.block_m) * col_tiles,)
+    cfg, col_tiles, grid = _tiling("l1", num_entries, experts, inter)
     w_sf = l1.w_sf if quantized else placeholder
     a_scales = a_scales if quantized else placeholder
     wide = max(a_scales.numel(), buf.inter_scales.numel(), l1.w_sf.numel() if quantized else 0) >= 2**31
@@ -94,7 +99,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         hidden, inter, experts, entries_per_row, col_tiles,
         float(opts.activation_clamp) if opts.activation_clamp is not None else 0.0,
         QUANTIZED=quantized, HAS_CLAMP=opts.activation_clamp is not None,
-        INTER_SF_FP32=buf.intermediate_sf == "fp32", A_BY_TOKEN=True,
+        INTER_SF_FP32=buf.intermediate_sf == "fp32",
         HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
         UPCAST=_upcast(), WIDE_SCALES=wide,
@@ -107,9 +112,7 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights) -> None:
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
     placeholder = l2.w
-    cfg = pick_config("l2", num_entries, experts)
-    col_tiles = triton.cdiv(hidden, cfg.block_n)
-    grid = (_num_tiles_bound(num_entries, experts, cfg.block_m) * col_tiles,)
+    cfg, col_tiles, grid = _tiling("l2", num_entries, experts, hidden)
     w_sf = l2.w_sf if quantized else placeholder
     wide = max(buf.inter_scales.numel(), w_sf.numel()) >= 2**31
     _l2_kernel[grid](

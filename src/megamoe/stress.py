@@ -671,7 +671,8 @@ class RankOutcome:
 
 
 @contextlib.contextmanager
-def _environ(values: dict | None):
+def environ_override(values: dict | None):
+    """Set environment variables for the duration of the block (children inherit them)."""
     values = values or {}
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
@@ -713,7 +714,7 @@ def spawn_ranks(fn, num_ranks: int, *args, workdir: Path, backend: str = "gloo",
     ctx = multiprocessing.get_context("spawn")
     release = workdir / "release"
     results = [workdir / f"rank{r}.pt" for r in range(num_ranks)]
-    with _environ(env_vars):
+    with environ_override(env_vars):
         pg_timeout = pg_timeout_s if pg_timeout_s is not None else max(60.0, 4 * env.timeout_s())
         procs = [ctx.Process(target=_rank_main, daemon=True,
                              args=(fn, r, num_ranks, backend, str(workdir / "rendezvous"), str(release),

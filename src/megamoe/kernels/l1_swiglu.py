@@ -29,7 +29,7 @@ def _l1_swiglu_kernel(
     inter_ptr, inter_scale_ptr, stride_is_g,
     hidden, inter, num_local_experts, num_topk, num_cols_tiles,
     clamp,
-    QUANTIZED: tl.constexpr, HAS_CLAMP: tl.constexpr, INTER_SF_FP32: tl.constexpr, A_BY_TOKEN: tl.constexpr,
+    QUANTIZED: tl.constexpr, HAS_CLAMP: tl.constexpr, INTER_SF_FP32: tl.constexpr,
     HAS_BIAS: tl.constexpr, GPT_OSS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr,
@@ -42,9 +42,9 @@ def _l1_swiglu_kernel(
         rows = row_start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         src = tl.load(sorted_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-        # At EP = 1 the activations are the buffer's token rows; after a dispatch they are the
-        # received rows in expert order.
-        a_rows = src // num_topk if A_BY_TOKEN else rows.to(tl.int64)
+        # Entry i reads activation row i // num_topk: at EP = 1 the buffer's token rows (K entries
+        # per token), after the NCCL dispatch the received rows (one entry each).
+        a_rows = src // num_topk
 
         j = tl.arange(0, 2 * BLOCK_N)
         col = tile_n * BLOCK_N + (j % BLOCK_N)
