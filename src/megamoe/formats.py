@@ -33,7 +33,6 @@ FP8_MAX = 448.0
 FP4_MAX = 6.0
 AMAX_FLOOR = 1e-4
 """A group's amax is raised to this before its scale is taken, so all-zero groups get a finite scale."""
-UE8M0_BIAS = 127
 UE8M0_PAD = 127
 """Exponent byte written past the last group of a row: a scale of 1.0."""
 GROUPS_PER_WORD = 4

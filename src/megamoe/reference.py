@@ -89,7 +89,10 @@ def check_expert_weights(weights, mode: str, name: str) -> tuple[int, int, int]:
         e, n, half_k = weights[0].shape
         return e, n, 2 * half_k
     if not isinstance(weights, torch.Tensor) or weights.dtype != torch.bfloat16 or weights.dim() != 3:
-        raise TypeError(f"{name}: in bf16xbf16 mode expected a bfloat16 tensor [E, N, K]")
+        raise TypeError(f"{name}: in bf16xbf16 mode expected a bfloat16 tensor [E, N, K], got "
+                        f"{getattr(weights, 'dtype', type(weights))} {tuple(getattr(weights, 'shape', ()))}")
+    if weights.shape[2] % formats.SCALE_GROUP:
+        raise ValueError(f"{name}: K must be a multiple of {formats.SCALE_GROUP}, got shape {tuple(weights.shape)}")
     return tuple(weights.shape)
 
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .formats import SCALE_GROUP, check_mxfp4, e2m1_lut, ue8m0_to_float
+from .formats import SCALE_GROUP, e2m1_lut, ue8m0_to_float
 from .buffer import step_groups
-from .reference import check_bias, check_mode
+from .reference import check_bias, check_expert_weights, check_mode
 
 CHUNK = 64
 """K elements per packed chunk: two scale groups, one in each nibble."""
@@ -80,21 +80,10 @@ def _pack_chunks(w_q: torch.Tensor, w_sf: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _transform_one(weights, mode: str, name: str) -> ExpertWeights:
+    e, n, k = check_expert_weights(weights, mode, name)
     if mode == "fp8xfp4":
-        if not (isinstance(weights, (tuple, list)) and len(weights) == 2):
-            raise TypeError(f"{name}: in fp8xfp4 mode expected a pair (w_q, w_sf) of uint8 tensors")
-        w_q, w_sf = weights
-        check_mxfp4(name, w_q, w_sf)
-        if w_q.dim() != 3:
-            raise ValueError(f"{name}: expected w_q of shape [E, N, K/2], got {tuple(w_q.shape)}")
-        packed, scales = _pack_chunks(w_q, w_sf)
-        return ExpertWeights(mode, packed, scales, w_q.shape[0], w_q.shape[1], 2 * w_q.shape[2])
-    if not isinstance(weights, torch.Tensor) or weights.dtype != torch.bfloat16 or weights.dim() != 3:
-        raise TypeError(f"{name}: in bf16xbf16 mode expected a bfloat16 tensor [E, N, K], got "
-                        f"{getattr(weights, 'dtype', type(weights))} {tuple(getattr(weights, 'shape', ()))}")
-    if weights.shape[2] % SCALE_GROUP:
-        raise ValueError(f"{name}: K must be a multiple of {SCALE_GROUP}, got shape {tuple(weights.shape)}")
-    e, n, k = weights.shape
+        packed, scales = _pack_chunks(*weights)
+        return ExpertWeights(mode, packed, scales, e, n, k)
     return ExpertWeights(mode, weights.contiguous(), None, e, n, k)
 
 

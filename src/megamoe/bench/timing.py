@@ -66,13 +66,16 @@ class DeviceCeilings:
     bf16_tflops: float        # dense torch.matmul 8192^3
 
 
-def measure_ceilings(device=None) -> DeviceCeilings:
-    device = torch.device(device or "cuda")
-    nbytes = 1 << 31
+def _copy_gbps(device, nbytes: int = 1 << 31) -> float:
+    """Device-to-device copy bandwidth, bytes read + written; the buffers are freed on return."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    copy_us = time_eager([lambda: dst.copy_(src)], reps=10)
-    del src, dst
+    return 2 * nbytes / time_eager([lambda: dst.copy_(src)], reps=10) / 1e3
+
+
+def measure_ceilings(device=None) -> DeviceCeilings:
+    device = torch.device(device or "cuda")
+    copy_gbps = _copy_gbps(device)
     n = 8192
     a = torch.randn(n, n, device=device).bfloat16()
     b = torch.randn(n, n, device=device).bfloat16()
@@ -82,5 +85,5 @@ def measure_ceilings(device=None) -> DeviceCeilings:
     fp8_us = time_eager([lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16, use_fast_accum=True)],
                         reps=10)
     flops = 2 * n ** 3
-    return DeviceCeilings(torch.cuda.get_device_name(device), 2 * nbytes / copy_us / 1e3,
+    return DeviceCeilings(torch.cuda.get_device_name(device), copy_gbps,
                           flops / fp8_us / 1e6, flops / bf16_us / 1e6)

@@ -17,7 +17,7 @@ the partial product of each group is promoted into the accumulator with scale
 import triton
 import triton.language as tl
 
-from .common import decode_e2m1_pair, ue8m0_to_fp32
+from .common import decode_e2m1_pair
 
 
 @triton.jit
