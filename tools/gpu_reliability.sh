@@ -6,10 +6,11 @@
 # One step per command, each under `timeout` (the device tool allows 10 minutes a command):
 #
 #   stress-ep1   1000 random cases at EP = 1 against the reference        (1 GPU)
-#   stress-ep2   1000 random cases at EP = 2 over NCCL                     (2 GPUs)
-#   stress-ep4   1000 random cases at EP = 4 over NCCL                     (4 GPUs)
-#   faults-2     every fault scenario on 2 ranks over NCCL                 (2 GPUs)
-#   faults-4     every fault scenario on 4 ranks over NCCL                 (4 GPUs)
+#   stress-ep2   1000 random cases at EP = 2                               (2 GPUs)
+#   stress-ep4   1000 random cases at EP = 4                               (4 GPUs)
+#   faults-2     every fault scenario on 2 ranks                           (2 GPUs)
+#   faults-4     every fault scenario on 4 ranks                           (4 GPUs)
+#   (EP_BACKEND=symm|nccl picks the buffers' backend of these four; default auto, i.e. symm)
 #   graphs       4 batch sizes captured on one buffer, 10000 replays, every 100th against eager
 #   large        cases past 2^31 elements (x, combine rows, y) against the reference  (1 GPU, up to ~30 GB)
 #   memcheck     compute-sanitizer memcheck on a few tiny random cases (1 GPU)
@@ -24,6 +25,7 @@ set -u
 STEP=${1:?usage: tools/gpu_reliability.sh STEP [OUT_DIR]}
 OUT=${2:-reliability_out}
 ITERATIONS=${ITERATIONS:-1000}
+EP_BACKEND=${EP_BACKEND:-auto}
 mkdir -p "$OUT"
 # The working tree's package, installed or not.
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -53,15 +55,15 @@ fi
 case "$STEP" in
     stress-ep1) run 570 $MEGAMOE stress --iterations "$ITERATIONS" --profile gpu --json "$OUT/$STEP.json" ;;
     stress-ep2) run 570 $MEGAMOE stress --iterations "$ITERATIONS" --profile gpu --ranks 2 --deadline 540 \
-        --json "$OUT/$STEP.json" ;;
+        --ep-backend "$EP_BACKEND" --json "$OUT/$STEP-$EP_BACKEND.json" ;;
     stress-ep4) run 570 $MEGAMOE stress --iterations "$ITERATIONS" --profile gpu --ranks 4 --deadline 540 \
-        --json "$OUT/$STEP.json" ;;
-    faults-2) run 570 $MEGAMOE stress --faults --ranks 2 --timeout 10 \
+        --ep-backend "$EP_BACKEND" --json "$OUT/$STEP-$EP_BACKEND.json" ;;
+    faults-2) run 570 $MEGAMOE stress --faults --ranks 2 --timeout 10 --ep-backend "$EP_BACKEND" \
         --scenarios mismatched_capacity,late_half,late_double,killed_counts,killed_dispatch,killed_combine \
-        --json "$OUT/$STEP.json" ;;
-    faults-4) run 570 $MEGAMOE stress --faults --ranks 4 --timeout 10 \
+        --json "$OUT/$STEP-$EP_BACKEND.json" ;;
+    faults-4) run 570 $MEGAMOE stress --faults --ranks 4 --timeout 10 --ep-backend "$EP_BACKEND" \
         --scenarios mismatched_capacity,late_half,late_double,killed_counts,killed_dispatch,killed_combine \
-        --json "$OUT/$STEP.json" ;;
+        --json "$OUT/$STEP-$EP_BACKEND.json" ;;
     graphs) run 570 $MEGAMOE stress --graphs --replays 10000 --check-every 100 --json "$OUT/$STEP.json" ;;
     large) run 570 $MEGAMOE stress --large --json "$OUT/$STEP.json" ;;
     memcheck)

@@ -17,11 +17,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from megamoe.kernels.config import pick_config
+from megamoe.kernels.config import GemmConfig, pick_config
 from megamoe.kernels.l1_swiglu import _l1_swiglu_kernel
 from megamoe.kernels.l2 import _l2_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
+SYMM = False
 
 
 def _signature(fn, types, constexprs):
@@ -43,31 +44,55 @@ def compile_kernel(fn, types, constexprs, num_warps, num_stages):
     return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-NOT_DIVISIBLE = {"num_local_experts", "num_topk", "num_cols_tiles"}
+NOT_DIVISIBLE = {"num_local_experts", "num_topk", "num_cols_tiles", "rank", "num_ranks", "entries_per_rank",
+                 "row_words", "sf_words", "groups"}
 L1_TYPES = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", topk_weights_ptr="*fp32", sorted_rows_ptr="*i32",
                 expert_offsets_ptr="*i32", w_ptr="*u8", w_scale_ptr="*bf16", inter_ptr="*fp8e4nv",
                 inter_scale_ptr="*fp32", clamp="fp32", bias_ptr="*fp32")
 L2_TYPES = dict(inter_ptr="*fp8e4nv", inter_scale_ptr="*fp32", sorted_rows_ptr="*i32", expert_offsets_ptr="*i32",
-                w_ptr="*u8", w_scale_ptr="*bf16", out_ptr="*bf16", topk_weights_ptr="*fp32", bias_ptr="*fp32")
+                w_ptr="*u8", w_scale_ptr="*bf16", out_ptr="*bf16", topk_weights_ptr="*fp32", bias_ptr="*fp32",
+                peer_ptrs_ptr="*i64", out_offset="i64")
+BARRIER_TYPES = dict(peer_ptrs_ptr="*i64", signals_offset="i64", signals_ptr="*i64", meta_ptr="*i32",
+                     error_address="i64", timeout_ns="i64", max_polls="i64")
+GATHER_TYPES = dict(peer_ptrs_ptr="*i64", x_offset="i64", sf_offset="i64", weights_offset="i64",
+                    sorted_rows_ptr="*i32", expert_offsets_ptr="*i32", recv_x_ptr="*i64", recv_scales_ptr="*fp32",
+                    recv_weights_ptr="*fp32")
 
 
 def variants():
-    """The heuristic's configs for a v4-flash-like shape, decode and prefill."""
+    """The heuristic's configs for a v4-flash-like shape, decode and prefill; with --symm also
+    the symm backend's variants (gathered rows, L2 writing to peers) and its own kernels."""
     for rows_per_expert in (1, 200):
-        cfg = pick_config("l1", rows_per_expert * 256, 256)
-        yield ("l1", cfg), _l1_swiglu_kernel, L1_TYPES, dict(
-            QUANTIZED=True, HAS_CLAMP=False, INTER_SF_FP32=False, HAS_BIAS=False, GPT_OSS=False,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False, WIDE_SCALES=False)
-        cfg = pick_config("l2", rows_per_expert * 256, 256)
-        yield ("l2", cfg), _l2_kernel, L2_TYPES, dict(
-            QUANTIZED=True, HAS_BIAS=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False, WIDE_SCALES=False)
+        for symm in (False, True) if SYMM else (False,):
+            tag = "-symm" if symm else ""
+            cfg = pick_config("l1", rows_per_expert * 256, 256)
+            yield ("l1" + tag, cfg), _l1_swiglu_kernel, L1_TYPES, dict(
+                QUANTIZED=True, HAS_CLAMP=False, INTER_SF_FP32=False, HAS_BIAS=False, GPT_OSS=False, GATHERED=symm,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False,
+                WIDE_SCALES=False, PERSISTENT=symm)
+            cfg = pick_config("l2", rows_per_expert * 256, 256)
+            yield ("l2" + tag, cfg), _l2_kernel, L2_TYPES, dict(
+                QUANTIZED=True, HAS_BIAS=False, GATHERED=symm, REMOTE_OUT=symm, BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False, WIDE_SCALES=False,
+                PERSISTENT=symm)
+    if SYMM:
+        from megamoe.comm.symm import _barrier_kernel, _gather_kernel
+
+        one = GemmConfig(16, 16, 1, 1)
+        for phase in (0, 1):
+            yield (f"barrier{phase}", one), _barrier_kernel, BARRIER_TYPES, dict(
+                PHASE=phase, NUM_PHASES=2, BLOCK_R=8, META_FAIL=3, INTERPRET=False)
+        yield ("gather", GemmConfig(16, 16, 4, 1)), _gather_kernel, GATHER_TYPES, dict(
+            QUANTIZED=True, BLOCK_W=512, BLOCK_G=128)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sass", help="write each kernel's PTX and SASS into this folder")
+    parser.add_argument("--symm", action="store_true", help="also the symm backend's kernel variants")
     args = parser.parse_args()
+    global SYMM
+    SYMM = args.symm
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     nvdisasm, cuobjdump = os.path.join(bin_dir, "nvdisasm"), os.path.join(bin_dir, "cuobjdump")
     for (name, cfg), fn, types, constexprs in variants():

@@ -12,7 +12,9 @@ Send side (this rank's own tokens; what peers read or write in expert parallelis
     topk_weights  [C, K]          float32, already multiplied by routed_scaling_factor
     combine       [C * K, H]      bfloat16: row t*K + k is slot k of token t after L2
     meta          [16]            int32: [0] num_tokens of the last pre_dispatch, [1] count of
-                                  out-of-range expert ids seen by the plan (see `check_errors`)
+                                  out-of-range expert ids seen by the plan, [2] rows dropped past
+                                  the receive capacity (see `check_errors`), [3] 1 after a
+                                  timed-out barrier (symm backend)
 
 Receive side (rows this rank's experts process), R = number of ranks, E_l = local experts:
     expert_count  [E_l]           int32 rows per local expert
@@ -44,11 +46,23 @@ layout has none of it). D = `DispatchRecord.nbytes`, the bytes of one dispatched
                                   (from the records' UE8M0 bytes; fp8 modes; [0, N_recv] otherwise)
     recv_out      [N_recv, H]     bfloat16 expert output of each received row (L2), sent back
 
+Symm backend (buffers whose backend is "symm"; the whole buffer is one symmetric allocation,
+so every region sits at the same offset on every rank, see comm/symm.py):
+    signals       [2R + 1]        int64 barrier slots [phase * R + source rank] (the epoch each
+                                  rank last signalled), then this rank's call counter (epoch)
+    recv_topk     [R * C * K]     int32 copy of every rank's topk_idx, read by the plan
+    recv_x        [N_recv, H]     float8_e4m3fn (bfloat16 in bf16xbf16 mode) received rows,
+                                  pulled from their source ranks, in expert-sorted order
+    recv_scales   [G4(H), N_recv] float32 their scales, transposed like x_scales
+    recv_weights  [N_recv]        float32 their routing weights
+
 All regions start on a 256-byte boundary.
 """
 
 from __future__ import annotations
 
+import socket
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -62,13 +76,10 @@ RECORD_ALIGN = 16
 META_WORDS = 16
 META_NUM_TOKENS = 0
 META_BAD_EXPERT_IDS = 1
+META_DROPPED_ROWS = 2
+META_FAILED = 3
 
 BACKENDS = ("auto", "symm", "nccl")
-SYMM_MISSING = (
-    "backend='symm': the symmetric-memory NVLink backend is not implemented yet (missing: "
-    "megamoe/comm/symm.py with buffers from torch.distributed._symmetric_memory, Triton kernels that "
-    "pull rows from peers through buffer_ptrs_dev, and bounded signal-pad waits); use backend='nccl', "
-    "or 'auto', which picks nccl until symm lands")
 
 
 @dataclass(frozen=True)
@@ -101,18 +112,18 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-def resolve_backend(backend: str, num_ranks: int) -> str:
+def resolve_backend(backend: str, num_ranks: int, one_cuda_node: bool = False) -> str:
     """The backend that runs a buffer of `num_ranks` ranks: "local", "nccl" or "symm".
 
-    "auto" is "local" at one rank. Across ranks it is to pick "symm" when every rank is a CUDA
-    device of one node and "nccl" otherwise; until the symm backend exists it picks "nccl".
+    "auto" is "local" at one rank. Across ranks it picks "symm" when every rank is a CUDA
+    device of one node (one_cuda_node) and "nccl" otherwise.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "symm":
-        raise NotImplementedError(SYMM_MISSING)
     if backend == "auto":
-        return "local" if num_ranks == 1 else "nccl"
+        if num_ranks == 1:
+            return "local"
+        return "symm" if one_cuda_node else "nccl"
     return backend
 
 
@@ -146,11 +157,13 @@ def dispatch_record(hidden: int, mode: str) -> DispatchRecord:
 
 def buffer_layout(num_experts: int, max_tokens_per_rank: int, num_topk: int, hidden: int,
                   intermediate: int, num_ranks: int = 1, mode: str = "fp8xfp4",
-                  intermediate_sf: str = "ue8m0", backend: str = "auto") -> list[Region]:
+                  intermediate_sf: str = "ue8m0", backend: str = "auto",
+                  one_cuda_node: bool = False) -> list[Region]:
     """The regions of a buffer for these arguments, without allocating anything.
 
-    backend: as for MegaMoEBuffer; the NCCL staging regions exist only when it resolves to
-    "nccl" ("auto" with num_ranks > 1), so the EP = 1 layout has none of them.
+    backend: as for MegaMoEBuffer (one_cuda_node: every rank is a CUDA device of one node, which
+    makes "auto" pick "symm"); the NCCL and symm regions exist only in buffers of those
+    backends, so the EP = 1 layout has none of them.
     """
     check_mode(mode)
     check_intermediate_sf(intermediate_sf)
@@ -165,7 +178,7 @@ def buffer_layout(num_experts: int, max_tokens_per_rank: int, num_topk: int, hid
         raise ValueError(f"num_experts: expected a multiple of the number of ranks ({num_ranks}), got {num_experts}")
     if num_topk > num_experts:
         raise ValueError(f"num_topk: expected <= num_experts ({num_experts}), got {num_topk}")
-    resolved = resolve_backend(backend, num_ranks)
+    resolved = resolve_backend(backend, num_ranks, one_cuda_node)
     cap, k = max_tokens_per_rank, num_topk
     local_experts = num_experts // num_ranks
     recv_rows = num_ranks * cap * min(k, local_experts)
@@ -201,6 +214,16 @@ def buffer_layout(num_experts: int, max_tokens_per_rank: int, num_topk: int, hid
             ("recv_weights", (recv_rows,), torch.float32),
             ("recv_scales", (groups_h, recv_rows), torch.float32),
             ("recv_out", (recv_rows, hidden), torch.bfloat16),
+        ]
+    elif resolved == "symm":
+        from .comm.symm import signal_words
+
+        shapes += [
+            ("signals", (signal_words(num_ranks),), torch.int64),
+            ("recv_topk", (num_ranks * cap * k,), torch.int32),
+            ("recv_x", (recv_rows, hidden), act),
+            ("recv_scales", (groups_h, recv_rows), torch.float32),
+            ("recv_weights", (recv_rows,), torch.float32),
         ]
     regions, offset = [], 0
     for name, shape, dtype in shapes:
@@ -252,19 +275,21 @@ class MegaMoEBuffer:
                 raise ValueError(f"backend: {backend!r} needs a process group; group=None runs one rank "
                                  "without communication (backend='auto')")
             self.rank, self.num_ranks = 0, 1
+            one_cuda_node = False
         else:
             if not isinstance(group, dist.ProcessGroup):
                 raise TypeError(f"group: expected None or a torch.distributed.ProcessGroup, got {type(group).__name__}")
             self.rank, self.num_ranks = dist.get_rank(group), dist.get_world_size(group)
             if self.rank < 0:
                 raise ValueError("group: this process is not a member of the group")
-            _check_ranks_agree(group, self.rank, self.num_ranks, self.device, {
+            one_cuda_node = _check_ranks_agree(group, self.rank, self.num_ranks, self.device, {
                 "num_experts": num_experts, "max_tokens_per_rank": max_tokens_per_rank, "num_topk": num_topk,
                 "hidden": hidden, "intermediate": intermediate, "mode": mode,
                 "intermediate_sf": intermediate_sf, "backend": backend})
         self.group = group
         self.regions = buffer_layout(num_experts, max_tokens_per_rank, num_topk, hidden, intermediate,
-                                     self.num_ranks, mode, intermediate_sf, backend)
+                                     self.num_ranks, mode, intermediate_sf, backend, one_cuda_node)
+        resolved = resolve_backend(backend, self.num_ranks, one_cuda_node)
         self.num_experts = num_experts
         self.num_max_tokens_per_rank = max_tokens_per_rank
         self.num_topk = num_topk
@@ -274,20 +299,33 @@ class MegaMoEBuffer:
         self.intermediate_sf = intermediate_sf
         self.num_local_experts = num_experts // self.num_ranks
         self.nbytes = self.regions[-1].offset + self.regions[-1].nbytes
-        self._storage = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        symmetric = None
+        if resolved == "symm":
+            from .comm.symm import SymmetricStorage
+
+            symmetric = SymmetricStorage(self.nbytes, group, self.rank, self.num_ranks, self.device)
+            self._storage = symmetric.storage
+        else:
+            self._storage = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
         self._views = {}
         for region in self.regions:
             raw = self._storage[region.offset:region.offset + region.nbytes]
             self._views[region.name] = raw.view(region.dtype).view(region.shape)
         self._views["meta"].zero_()
+        if "signals" in self._views:
+            self._views["signals"].zero_()
         self._views["topk_idx"].fill_(-1)
         for name in ("x_scales", "inter_scales", "recv_scales"):
             if name in self._views:  # padding groups must read as a finite 1.0
                 self._views[name].fill_(1.0)
-        self.backend = self._make_backend(resolve_backend(backend, self.num_ranks))
+        self.backend = self._make_backend(resolved, symmetric)
 
-    def _make_backend(self, name: str):
+    def _make_backend(self, name: str, symmetric):
         # Imported here: the backends import the kernels, which import this module's constants.
+        if name == "symm":
+            from .comm.symm import SymmBackend
+
+            return SymmBackend(self, symmetric)
         if name == "nccl":
             from .comm.nccl import NcclBackend
 
@@ -313,26 +351,45 @@ class MegaMoEBuffer:
         return self._views is None
 
     def check_alive(self) -> None:
+        """Raise RuntimeError if destroyed, TimeoutError if a symm barrier timed out (no sync)."""
         if self._views is None:
             raise RuntimeError("MegaMoEBuffer: this buffer was destroyed")
+        raise_pending = getattr(self.backend, "raise_pending", None)
+        if raise_pending is not None:
+            raise_pending()
 
     def check_errors(self) -> None:
-        """Raise if a plan since the last check met expert ids outside [-1, num_experts).
+        """Raise for what the device recorded since the last check.
 
-        Such ids are treated as -1 by the kernels (nothing is read or written for them). This
-        reads device memory, so it synchronises; call it outside CUDA-graph capture.
+        TimeoutError: a barrier of the symm backend timed out (see comm/symm.py).
+        ValueError: expert ids outside [-1, num_experts) were met (the kernels treat them as -1:
+        nothing is read or written for them), or rows were dropped because a rank received more
+        than its capacity (only when a token's K slots repeat a local expert).
+        This reads device memory, so it synchronises; call it outside CUDA-graph capture.
         """
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.check_alive()
-        bad = int(self.meta[META_BAD_EXPERT_IDS].item())
+        bad, dropped = (int(v) for v in self.meta[META_BAD_EXPERT_IDS:META_DROPPED_ROWS + 1].tolist())
+        if bad or dropped:
+            self.meta[META_BAD_EXPERT_IDS:META_DROPPED_ROWS + 1] = 0
         if bad:
-            self.meta[META_BAD_EXPERT_IDS] = 0
             raise ValueError(f"topk_idx: {bad} expert id(s) outside [-1, {self.num_experts}) were ignored")
+        if dropped:
+            raise ValueError(f"topk_idx: {dropped} row(s) past a rank's receive capacity ({self.max_recv_rows}) were "
+                             "dropped; the K slots of a token must name distinct experts")
 
     def describe(self) -> str:
         return describe_layout(self.regions)
 
     def destroy(self) -> None:
-        """Release the memory. Any later use of the buffer raises RuntimeError."""
+        """Release the memory. Any later use of the buffer raises RuntimeError.
+
+        With the symm backend, peers map this memory: destroy it on every rank after the same
+        calls (the last call's combine barrier guarantees no peer touches it any more)."""
+        close = getattr(self.__dict__.get("backend"), "close", None)
+        if close is not None:
+            close()
         self._views = None
         self._storage = None
 
@@ -366,20 +423,25 @@ def _decode_argument(name: str, code: int) -> str:
     return repr(choices[code]) if choices is not None else str(code)
 
 
-def _check_ranks_agree(group, rank: int, num_ranks: int, device: torch.device, arguments: dict) -> None:
+def _check_ranks_agree(group, rank: int, num_ranks: int, device: torch.device, arguments: dict) -> bool:
     """All-gather the buffer's arguments over `group`; raise ValueError on every rank if any differ.
 
     Invalid values are gathered as a sentinel too, so every rank takes part in the collective and
     then raises the same error, instead of one rank raising and the others waiting for it.
+    Returns whether every rank is a CUDA device of one node (same host name), which is what
+    backend="auto" needs to pick "symm"; that travels in the same gather.
     """
     from .comm.wait import wait_for
 
     names = list(arguments)
-    mine = torch.tensor([_encode_argument(n, arguments[n]) for n in names], dtype=torch.int64, device=device)
+    codes = [_encode_argument(n, arguments[n]) for n in names]
+    codes += [zlib.crc32(socket.gethostname().encode()), int(device.type == "cuda")]
+    mine = torch.tensor(codes, dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(num_ranks)]
     work = dist.all_gather(gathered, mine, group=group, async_op=True)
     wait_for(work, f"MegaMoEBuffer (rank {rank}): the all_gather that compares the arguments of all ranks")
     table = torch.stack(gathered).tolist()
+    one_cuda_node = len({row[-2] for row in table}) == 1 and all(row[-1] for row in table)
     problems = []
     for column, name in enumerate(names):
         values = [row[column] for row in table]
@@ -389,6 +451,7 @@ def _check_ranks_agree(group, rank: int, num_ranks: int, device: torch.device, a
     if problems:
         raise ValueError("MegaMoEBuffer: the ranks of the group disagree on " + "; ".join(problems)
                          + f" (this is rank {rank}); every rank must pass the same arguments")
+    return one_cuda_node
 
 
 def describe_layout(regions: list[Region]) -> str:

@@ -77,13 +77,55 @@ def info(args) -> int:
     return 0
 
 
-def bench(args) -> int:
-    from .bench.run import run
+EP_ONLY_FLAGS = ("device", "backends", "baselines", "warmup", "iters", "deadline")
 
-    run(shapes=args.shapes.split(","), tokens=[int(t) for t in args.tokens.split(",")],
+
+def _int_list(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise ValueError(f"--{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def bench(args) -> int:
+    if args.ep is not None:
+        return bench_ep(args)
+    given = [f"--{name}" for name in EP_ONLY_FLAGS if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --ep N (the EP = 1 benchmark runs on one CUDA GPU)")
+    from .bench.run import DEFAULT_SHAPES, DEFAULT_TOKENS, run
+
+    run(shapes=(args.shapes or ",".join(DEFAULT_SHAPES)).split(","),
+        tokens=_int_list("tokens", args.tokens) if args.tokens else DEFAULT_TOKENS,
         routings=args.routing.split(","), out_dir=args.out, n_sets=args.sets, loop=not args.no_loop,
         check=not args.no_check)
     return 0
+
+
+def bench_ep(args) -> int:
+    """`megamoe bench --ep N`: N ranks, one shape; exit status 1 if a path failed its check."""
+    from .bench import ep
+
+    if args.routing != "uniform":
+        raise ValueError(f"--routing: the EP benchmark routes uniformly, got {args.routing!r}")
+    shapes = (args.shapes or ep.DEFAULT_SHAPE).split(",")
+    if len(shapes) != 1:
+        raise ValueError(f"--shapes: the EP benchmark runs one shape per run, got {args.shapes!r}")
+    optional = {name: getattr(args, name) for name in ("warmup", "iters") if getattr(args, name) is not None}
+    if args.deadline is not None:
+        optional["deadline_s"] = args.deadline
+    if args.backends is not None:
+        optional["backends"] = tuple(b for b in args.backends.split(",") if b)
+    if args.baselines is not None:
+        optional["baselines"] = tuple(b for b in args.baselines.split(",") if b)
+    cfg = ep.config_from_names(args.ep, shapes[0], tokens=_int_list("tokens", args.tokens) if args.tokens
+                               else ep.DEFAULT_TOKENS, device_type=args.device or "cuda", sets=args.sets,
+                               check=not args.no_check, out_dir=args.out, **optional)
+    result = ep.run_ep(cfg)
+    failed = ep.failed_paths(result)
+    if failed:
+        print("failed their check: " + "; ".join(failed))
+    return 1 if failed else 0
 
 
 def stress(args) -> int:
@@ -93,6 +135,7 @@ def stress(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .bench import ep
     from .bench.run import DEFAULT_SHAPES, DEFAULT_TOKENS
     from .testing import MODEL_SHAPES
 
@@ -116,14 +159,30 @@ def main(argv=None) -> int:
     p.add_argument("--intermediate-sf", default="ue8m0", choices=["ue8m0", "fp32"])
     p.set_defaults(func=info)
 
-    p = sub.add_parser("bench", help="benchmark against the PyTorch baselines (needs a GPU)")
-    p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES))
-    p.add_argument("--tokens", default=",".join(str(t) for t in DEFAULT_TOKENS))
+    p = sub.add_parser("bench", help="benchmark against the PyTorch baselines (needs a GPU); --ep N: N ranks")
+    p.add_argument("--shapes", default=None, help=f"comma list of {', '.join(MODEL_SHAPES)} (default: "
+                   f"{','.join(DEFAULT_SHAPES)}; with --ep one shape, default {ep.DEFAULT_SHAPE})")
+    p.add_argument("--tokens", default=None, help="tokens per rank, comma list (default: "
+                   f"{','.join(map(str, DEFAULT_TOKENS))}; with --ep {','.join(map(str, ep.DEFAULT_TOKENS))})")
     p.add_argument("--routing", default="uniform", help="comma list of uniform, skewed, one_expert")
     p.add_argument("--sets", type=int, default=4, help="rotating input sets per measurement")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--no-loop", action="store_true", help="skip the slow per-expert loop baseline")
     p.add_argument("--no-check", action="store_true", help="skip the accuracy check")
+    p.add_argument("--ep", type=int, default=None, metavar="N",
+                   help="expert parallelism: spawn N ranks and time symm, nccl, the torch all_to_all pipeline "
+                        "and EP = 1 of the same per-rank work (docs/EP.md)")
+    p.add_argument("--device", default=None, help="with --ep: cuda (N GPUs, NCCL; default) or cpu (gloo ranks)")
+    p.add_argument("--backends", default=None, help="with --ep: MegaMoEBuffer backends to time, comma list "
+                   f"(default: {','.join(ep.DEFAULT_BACKENDS)})")
+    p.add_argument("--baselines", default=None, help="with --ep: baselines to time, comma list "
+                   f"(default: {','.join(ep.DEFAULT_BASELINES)}; empty: none)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"with --ep: warm-up iterations per path (default {ep.DEFAULT_WARMUP})")
+    p.add_argument("--iters", type=int, default=None, help="with --ep: timed iterations per path, the same on "
+                   f"every rank (default {ep.DEFAULT_ITERS})")
+    p.add_argument("--deadline", type=float, default=None, help="with --ep: seconds before every rank is killed "
+                   f"(default {ep.DEFAULT_DEADLINE_S:.0f})")
     p.set_defaults(func=bench)
 
     p = sub.add_parser("stress", help="reliability: random cases against the reference; --faults, --graphs, --large")

@@ -34,16 +34,22 @@ class ExpertOptions:
     activation_clamp: float | None = None
 
 
-def _tiling(which: str, num_entries: int, num_experts: int, width: int):
+def _tiling(which: str, num_entries: int, num_experts: int, width: int, max_programs: int | None = None,
+            rows_hint: int | None = None):
     """(config, column tiles, grid) of a grouped GEMM writing `width` output columns.
 
     The grid covers the most row tiles the entries can need when each expert's rows are tiled
     separately (known on the host without a sync); programs past the real tiles exit at once.
+    max_programs caps the grid (the kernels then loop over the tiles counted on the device);
+    rows_hint, when given, picks the tile config instead of num_entries.
     """
-    cfg = pick_config(which, num_entries, num_experts)
+    cfg = pick_config(which, num_entries if rows_hint is None else rows_hint, num_experts)
     col_tiles = triton.cdiv(width, cfg.block_n)
     row_tiles = triton.cdiv(num_entries, cfg.block_m) + min(num_experts, num_entries)
-    return cfg, col_tiles, (row_tiles * col_tiles,)
+    programs = row_tiles * col_tiles
+    if max_programs is not None:
+        programs = max(1, min(programs, max_programs))
+    return cfg, col_tiles, (programs,)
 
 
 def run_experts(buf, routing: torch.Tensor, num_entries: int, entries_per_row: int, a: torch.Tensor,
@@ -79,14 +85,21 @@ def _upcast() -> bool:
 
 
 def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1: ExpertWeights,
-              opts: ExpertOptions) -> None:
-    """L1 + activation + requant of the planned rows into buf.inter / buf.inter_scales."""
+              opts: ExpertOptions, *, gathered: bool = False, max_programs: int | None = None,
+              rows_hint: int | None = None) -> None:
+    """L1 + activation + requant of the planned rows into buf.inter / buf.inter_scales.
+
+    gathered: `a`, `a_scales` and `route_weights` hold the rows in expert-sorted order (row i is
+    sorted position i), as the symm backend's gather leaves them; otherwise entry
+    sorted_rows[i] reads row entry // entries_per_row and weight route_weights[entry].
+    max_programs, rows_hint: see `_tiling`.
+    """
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
     # bf16xbf16 has no weight scales and a layer may have no bias: the kernel never reads
     # these placeholder pointers then.
     placeholder = l1.w
-    cfg, col_tiles, grid = _tiling("l1", num_entries, experts, inter)
+    cfg, col_tiles, grid = _tiling("l1", num_entries, experts, inter, max_programs, rows_hint)
     w_sf = l1.w_sf if quantized else placeholder
     a_scales = a_scales if quantized else placeholder
     wide = max(a_scales.numel(), buf.inter_scales.numel(), l1.w_sf.numel() if quantized else 0) >= 2**31
@@ -100,29 +113,40 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         float(opts.activation_clamp) if opts.activation_clamp is not None else 0.0,
         QUANTIZED=quantized, HAS_CLAMP=opts.activation_clamp is not None,
         INTER_SF_FP32=buf.intermediate_sf == "fp32",
-        HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss",
+        HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", GATHERED=gathered,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(), WIDE_SCALES=wide,
+        UPCAST=_upcast(), WIDE_SCALES=wide, PERSISTENT=max_programs is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
-def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights) -> None:
-    """L2 (+ bias) of the planned rows from buf.inter into `out`, one BF16 row per entry."""
+def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gathered: bool = False,
+              remote: tuple | None = None, max_programs: int | None = None, rows_hint: int | None = None) -> None:
+    """L2 (+ bias) of the planned rows from buf.inter into `out`, one BF16 row per entry.
+
+    gathered: route_weights are in expert-sorted order (see launch_l1).
+    remote: None, or (peer_ptrs, out_offset, entries_per_rank) for the symm backend: entry
+    r * entries_per_rank + e is written to row e of the bfloat16 table at byte offset
+    out_offset of rank r's buffer (peer_ptrs: int64 base address of each rank's buffer); `out`
+    is then unused.
+    """
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
     placeholder = l2.w
-    cfg, col_tiles, grid = _tiling("l2", num_entries, experts, hidden)
+    cfg, col_tiles, grid = _tiling("l2", num_entries, experts, hidden, max_programs, rows_hint)
     w_sf = l2.w_sf if quantized else placeholder
+    peer_ptrs, out_offset, entries_per_rank = remote if remote is not None else (placeholder, 0, 1)
+    if out is None:
+        out = placeholder
     wide = max(buf.inter_scales.numel(), w_sf.numel()) >= 2**31
     _l2_kernel[grid](
         buf.inter, buf.inter_scales, buf.inter_scales.stride(0), buf.sorted_rows, buf.expert_offsets, route_weights,
         l2.w, w_sf, l2.w.stride(0), l2.w.stride(1), w_sf.stride(0), w_sf.stride(1),
         l2.bias if l2.bias is not None else placeholder,
-        out, hidden, inter, experts, col_tiles,
-        QUANTIZED=quantized, HAS_BIAS=l2.bias is not None,
+        out, hidden, inter, experts, col_tiles, peer_ptrs, out_offset, entries_per_rank,
+        QUANTIZED=quantized, HAS_BIAS=l2.bias is not None, GATHERED=gathered, REMOTE_OUT=remote is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(), WIDE_SCALES=wide,
+        UPCAST=_upcast(), WIDE_SCALES=wide, PERSISTENT=max_programs is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

@@ -29,8 +29,9 @@ and per rank the checks (each failure is recorded with its iteration, nothing st
     bad_input      an invalid argument raises TypeError / ValueError naming it, and neither the
                    buffer nor y changes
 
-Fault injection (`run_faults`): R ranks of a process group, the nccl backend (gloo on the CPU,
-NCCL on GPUs), MEGAMOE_TIMEOUT_S = `timeout_s`:
+Fault injection (`run_faults`): R ranks of a process group (gloo on the CPU, NCCL on GPUs), the
+buffers' backend nccl or symm (`ep_backend`), MEGAMOE_TIMEOUT_S = `timeout_s`. Each call is
+followed by `check_errors`, which is where the symm backend's device-side timeouts surface:
 
     mismatched_capacity  the last rank builds its buffer with C + 1: every rank raises ValueError
                          naming max_tokens_per_rank and each rank's value
@@ -445,8 +446,10 @@ class _CallContext:
 class _Stress:
     """One rank's pressure run: the current geometry's buffer and weights, and the checks."""
 
-    def __init__(self, group, device: torch.device, tolerance: float, report: StressReport):
+    def __init__(self, group, device: torch.device, tolerance: float, report: StressReport,
+                 ep_backend: str = "auto"):
         self.group = group
+        self.ep_backend = ep_backend
         self.rank = dist.get_rank(group) if group is not None else 0
         self.device = device
         self.tolerance = tolerance
@@ -464,7 +467,8 @@ class _Stress:
         self.user_l1 = random_expert_weights(e, 2 * i, h, geo.mode, gen)
         self.user_l2 = random_expert_weights(e, h, i, geo.mode, gen)
         self.buf = MegaMoEBuffer(e, geo.num_max_tokens_per_rank, geo.num_topk, h, i, group=self.group, mode=geo.mode,
-                                 intermediate_sf=geo.intermediate_sf, device=self.device)
+                                 intermediate_sf=geo.intermediate_sf, device=self.device,
+                                 backend=self.ep_backend if self.group is not None else "auto")
         local = self.buf.num_local_experts
         first = self.rank * local
 
@@ -599,11 +603,11 @@ def default_device() -> torch.device:
 
 def run_stress(iterations: int, *, seed: int = 0, start: int = 0, profile: str = "cpu", group=None,
                device: str | torch.device | None = None, tolerance: float = CONTRACT_RELATIVE_ERROR,
-               block_len: int = 4, progress=None) -> StressReport:
+               block_len: int = 4, progress=None, ep_backend: str = "auto") -> StressReport:
     """Iterations start .. start + iterations - 1 of `seed` on this process (module docstring).
 
     group: None for EP = 1; else every rank of the process group calls this with the same
-    arguments (the calls are collective). progress: None, or a function called with
+    arguments (the calls are collective), and ep_backend is the buffers' backend. progress: None, or a function called with
     (iterations done, report) after each iteration.
     Returns this rank's StressReport; failures are recorded, never raised.
     """
@@ -611,7 +615,7 @@ def run_stress(iterations: int, *, seed: int = 0, start: int = 0, profile: str =
     prof = PROFILES[profile]
     num_ranks = dist.get_world_size(group) if group is not None else 1
     report = StressReport()
-    runner = _Stress(group, device, tolerance, report)
+    runner = _Stress(group, device, tolerance, report, ep_backend)
     begin = time.monotonic()
     try:
         for i in range(start, start + iterations):
@@ -640,13 +644,16 @@ def _stress_rank(rank, num_ranks, group, iterations, kwargs):
 def run_stress_ranks(iterations: int, num_ranks: int, *, seed: int = 0, start: int = 0, profile: str = "cpu",
                      backend: str = "gloo", tolerance: float = CONTRACT_RELATIVE_ERROR, block_len: int = 4,
                      workdir: str | Path | None = None, deadline_s: float = 3600.0,
-                     env_vars: dict | None = None) -> StressReport:
+                     env_vars: dict | None = None, ep_backend: str = "auto") -> StressReport:
     """`run_stress` on `num_ranks` spawned ranks (EP = R): gloo on the CPU, nccl on R GPUs.
+
+    ep_backend: the buffers' backend ("auto", "nccl" or "symm"; on the CPU symm needs
+    TRITON_INTERPRET=1 in env_vars).
 
     Returns the merged report; a rank that died or hung is recorded as a failure.
     """
     kwargs = dict(seed=seed, start=start, profile=profile, tolerance=tolerance, block_len=block_len,
-                  device_type="cuda" if backend == "nccl" else "cpu")
+                  device_type="cuda" if backend == "nccl" else "cpu", ep_backend=ep_backend)
     with _workdir(workdir) as wd:
         outcomes = spawn_ranks(_stress_rank, num_ranks, iterations, kwargs, workdir=wd, backend=backend,
                                env_vars=env_vars, deadline_s=deadline_s)
@@ -795,13 +802,29 @@ DEFAULT_FAULTS = ("mismatched_capacity", "late_half", "late_double", "killed_dis
 _FAULT_LOCAL_EXPERTS, _FAULT_TOPK, _FAULT_HIDDEN, _FAULT_INTER, _FAULT_CAPACITY = 2, 3, 64, 32, 6
 
 
-def _arm_kill(phase: str) -> None:
+def _arm_kill(phase: str, ep_backend: str) -> None:
     """SIGKILL this process right before it issues the collective of `phase` in its next call.
 
     The nccl backend issues, in order: the count all_gather, the dispatch all_to_all_single,
     the return all_to_all_single (the combine's input). It calls them through the
     torch.distributed module, so replacing the module's function here reaches it.
+    The symm backend's only meeting points are its two device barriers: "counts" and "dispatch"
+    kill before launching the dispatch barrier, "combine" before the combine barrier (after
+    this rank's L2 kernels were launched).
     """
+    if ep_backend == "symm":
+        from .comm.symm import SymmBackend
+
+        target = 1 if phase == "combine" else 0
+        original_barrier = SymmBackend._barrier
+
+        def die_at_barrier(self, buf, barrier_phase):
+            if barrier_phase == target:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original_barrier(self, buf, barrier_phase)
+
+        SymmBackend._barrier = die_at_barrier
+        return
     name = "all_gather" if phase == "counts" else "all_to_all_single"
     nth = 2 if phase == "combine" else 1
     original = getattr(dist, name)
@@ -825,7 +848,7 @@ def _outcome(fn) -> dict:
     return {"outcome": "ok", "message": "", "seconds": time.monotonic() - begin, "value": value}
 
 
-def _fault_rank(rank, num_ranks, group, scenarios, timeout_s, device_type, tolerance):
+def _fault_rank(rank, num_ranks, group, scenarios, timeout_s, device_type, tolerance, ep_backend="auto"):
     """Worker: the scenarios in order on this group; the last rank is the faulty one."""
     os.environ["MEGAMOE_TIMEOUT_S"] = repr(timeout_s)
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
@@ -834,8 +857,9 @@ def _fault_rank(rank, num_ranks, group, scenarios, timeout_s, device_type, toler
                    "fp8xfp4", "ue8m0", weight_seed=1)
     case = StressCase(0, 0, geo, (_FAULT_CAPACITY - 1,) * num_ranks, "uniform", 0.0, 0, "swiglu", None, 1.0,
                       torch.int64, torch.float32, None, None, data_seed=2)
-    runner = _Stress(group, device, tolerance, StressReport())
+    runner = _Stress(group, device, tolerance, StressReport(), ep_backend)
     runner._setup(geo)
+    ep_backend = runner.buf.backend.name
     x, idx, weights = (t.to(device) for t in make_inputs(case)[rank])
     ref = mega_moe_reference(x, idx, weights, runner.user_l1, runner.user_l2)
 
@@ -845,6 +869,9 @@ def _fault_rank(rank, num_ranks, group, scenarios, timeout_s, device_type, toler
             time.sleep(delay_s)
         y = torch.full_like(x, float("nan"))
         mega_moe(y, runner.l1, runner.l2, runner.buf)
+        # The symm backend's device waits report through the buffer: check_errors waits for the
+        # call and raises what it recorded (TimeoutError); for nccl the call already raised.
+        runner.buf.check_errors()
         return relative_error(y, ref)
 
     results = {}
@@ -857,7 +884,7 @@ def _fault_rank(rank, num_ranks, group, scenarios, timeout_s, device_type, toler
         if scenario == "mismatched_capacity":
             results[scenario] = _outcome(lambda: MegaMoEBuffer(
                 geo.num_experts, _FAULT_CAPACITY + int(faulty), _FAULT_TOPK, _FAULT_HIDDEN, _FAULT_INTER,
-                group=group, device=device).destroy())
+                group=group, device=device, backend=runner.ep_backend).destroy())
         elif scenario in ("late_half", "late_double"):
             delay = timeout_s * (0.5 if scenario == "late_half" else 2.0)
             results[scenario] = _outcome(lambda: call(delay if faulty else 0.0))
@@ -865,7 +892,7 @@ def _fault_rank(rank, num_ranks, group, scenarios, timeout_s, device_type, toler
                 results[scenario]["seconds"] -= delay
         else:
             if faulty:
-                _arm_kill(scenario.removeprefix("killed_"))
+                _arm_kill(scenario.removeprefix("killed_"), ep_backend)
             results[scenario] = _outcome(call)
     return results
 
@@ -913,6 +940,7 @@ class FaultReport:
     timeout_s: float
     num_ranks: int
     backend: str
+    ep_backend: str = "auto"
     results: dict = field(default_factory=dict)   # scenario -> {"problems": [...], "ranks": [per-rank text]}
     seconds: float = 0.0
 
@@ -921,7 +949,8 @@ class FaultReport:
         return sum(1 for r in self.results.values() if r["problems"])
 
     def summary(self) -> str:
-        lines = [f"fault injection: {self.num_ranks} ranks, backend {self.backend}, MEGAMOE_TIMEOUT_S "
+        lines = [f"fault injection: {self.num_ranks} ranks, {self.backend} group, buffer backend {self.ep_backend}, "
+                 f"MEGAMOE_TIMEOUT_S "
                  f"{self.timeout_s:g}, {self.seconds:.1f} s"]
         for scenario, r in self.results.items():
             lines.append(f"  {scenario}: {'FAIL' if r['problems'] else 'ok'}")
@@ -942,11 +971,12 @@ def _describe_outcome(scenario: str, o: RankOutcome) -> str:
 
 def run_faults(num_ranks: int = 2, scenarios=DEFAULT_FAULTS, *, backend: str = "gloo", timeout_s: float = 3.0,
                tolerance: float = CONTRACT_RELATIVE_ERROR, workdir: str | Path | None = None,
-               env_vars: dict | None = None) -> FaultReport:
+               env_vars: dict | None = None, ep_backend: str = "auto") -> FaultReport:
     """The fault scenarios (module docstring), each judged by `judge_faults`.
 
     Scenarios of SHARED_GROUP_FAULTS run on one spawned group; every kill gets its own.
-    backend "gloo" runs on the CPU, "nccl" on `num_ranks` GPUs.
+    backend "gloo" runs on the CPU, "nccl" on `num_ranks` GPUs; ep_backend is the buffers'
+    backend ("auto": symm on GPUs of one node, nccl on the CPU).
     """
     unknown = set(scenarios) - set(FAULTS)
     if unknown:
@@ -954,14 +984,14 @@ def run_faults(num_ranks: int = 2, scenarios=DEFAULT_FAULTS, *, backend: str = "
     if num_ranks < 2:
         raise ValueError(f"num_ranks: fault injection needs at least 2 ranks, got {num_ranks}")
     runs = [[s for s in SHARED_GROUP_FAULTS if s in scenarios]] + [[s] for s in scenarios if s.startswith("killed_")]
-    report = FaultReport(timeout_s, num_ranks, backend)
+    report = FaultReport(timeout_s, num_ranks, backend, ep_backend)
     device_type = "cuda" if backend == "nccl" else "cpu"
     # Each process's own deadline: the scenarios' waits plus start-up, far from the timeouts judged.
     deadline = 120.0 + 6 * timeout_s * len(scenarios)
     begin = time.monotonic()
     with _workdir(workdir) as wd:
         for n, run in enumerate(r for r in runs if r):
-            outcomes = spawn_ranks(_fault_rank, num_ranks, run, timeout_s, device_type, tolerance,
+            outcomes = spawn_ranks(_fault_rank, num_ranks, run, timeout_s, device_type, tolerance, ep_backend,
                                    workdir=wd / f"run{n}", backend=backend, env_vars=env_vars,
                                    deadline_s=deadline)
             for scenario in run:
@@ -1161,6 +1191,9 @@ def add_cli_arguments(p) -> None:
                    help="size space of the random cases (default: gpu on a GPU, else cpu)")
     p.add_argument("--ranks", type=int, default=1, help="EP ranks, one spawned process each (gloo on the CPU, "
                                                           "nccl on GPUs)")
+    p.add_argument("--ep-backend", choices=("auto", "symm", "nccl"), default="auto",
+                   help="buffer backend with --ranks > 1 (default auto: symm on GPUs of one node, nccl on the CPU; "
+                        "symm on the CPU needs TRITON_INTERPRET=1)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--tolerance", type=float, default=CONTRACT_RELATIVE_ERROR,
                    help=f"relative error allowed against the reference (default {CONTRACT_RELATIVE_ERROR:g}, "
@@ -1183,10 +1216,12 @@ def run_cli(args) -> int:
     """`megamoe stress`: exit status 0 when nothing failed."""
     use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     backend = "nccl" if use_cuda else "gloo"
-    nccl_env = {"NCCL_NVLS_ENABLE": "0"} if use_cuda else None   # DESIGN.md section 8
+    # DESIGN.md section 8: NVLink multicast stays off.
+    nccl_env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"} if use_cuda else None
     if args.faults:
         report = run_faults(max(args.ranks, 2), [s for s in args.scenarios.split(",") if s], backend=backend,
-                            timeout_s=args.timeout, tolerance=args.tolerance, env_vars=nccl_env)
+                            timeout_s=args.timeout, tolerance=args.tolerance, env_vars=nccl_env,
+                            ep_backend=args.ep_backend)
         print(report.summary())
         out, failed = asdict(report), report.num_failures
     elif args.graphs:
@@ -1209,7 +1244,8 @@ def run_cli(args) -> int:
     else:
         profile = args.profile or ("gpu" if use_cuda else "cpu")
         print(f"megamoe stress: {args.iterations} iterations from {args.start}, seed {args.seed}, profile {profile}, "
-              f"{args.ranks} rank(s), {'CUDA' if use_cuda else 'CPU'} "
+              f"{args.ranks} rank(s){f' ({args.ep_backend} backend)' if args.ranks > 1 else ''}, "
+              f"{'CUDA' if use_cuda else 'CPU'} "
               f"({'Triton interpreter' if env.triton_interpret() else 'kernels' if use_cuda else 'plain torch'})")
         every = max(1, args.iterations // 20)
 
@@ -1220,7 +1256,7 @@ def run_cli(args) -> int:
         if args.ranks > 1:
             report = run_stress_ranks(args.iterations, args.ranks, seed=args.seed, start=args.start, profile=profile,
                                       backend=backend, tolerance=args.tolerance, block_len=args.block_len,
-                                      env_vars=nccl_env, deadline_s=args.deadline)
+                                      env_vars=nccl_env, deadline_s=args.deadline, ep_backend=args.ep_backend)
         else:
             report = run_stress(args.iterations, seed=args.seed, start=args.start, profile=profile,
                                 device=args.device, tolerance=args.tolerance, block_len=args.block_len,

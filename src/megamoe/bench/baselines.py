@@ -6,11 +6,18 @@
                      and FP8 weights with one scale per output channel (the rowwise recipe
                      torch supports on Hopper).
 (c) per_expert_loop: a Python loop over the experts that received rows (host sync per call).
+
+With expert parallelism (`megamoe bench --ep N`):
+
+(d) torch_ep_moe:    exchange counts, all_to_all_single of BF16 rows to the experts' owners,
+                     (a)'s grouped pipeline on the received rows, all_to_all_single back,
+                     weighted sum at home. Host sync for the split sizes: eager only.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 FP8_MAX = 448.0
@@ -41,15 +48,72 @@ def _weighted_sum(out_rows, order, token, valid, topk_weights, tokens):
     return y[:tokens].to(torch.bfloat16)
 
 
+def _grouped_ffn(rows, offs, w1, w2):
+    """rows [N, H] bf16 sorted by expert, offs [E] int32 end offsets -> [N, H] bf16 (L1, SwiGLU, L2)."""
+    inter = w1.shape[1] // 2
+    h = torch._grouped_mm(rows, w1.transpose(-2, -1), offs=offs)
+    act = F.silu(h[:, :inter]) * h[:, inter:]
+    return torch._grouped_mm(act, w2.transpose(-2, -1), offs=offs)
+
+
+def _looped_ffn(rows, offs, w1, w2):
+    """_grouped_ffn as one pair of matmuls per expert with rows (where torch._grouped_mm does not run)."""
+    inter = w1.shape[1] // 2
+    out = torch.zeros_like(rows)
+    start = 0
+    for expert, end in enumerate(offs.tolist()):
+        if end > start:
+            h = rows[start:end] @ w1[expert].T
+            out[start:end] = (F.silu(h[:, :inter]) * h[:, inter:]) @ w2[expert].T
+        start = end
+    return out
+
+
 def torch_bf16_moe(x, topk_idx, topk_weights, w1, w2):
     """x [T, H] bf16, topk [T, K], w1 [E, 2I, H] bf16, w2 [E, H, I] bf16 -> y [T, H] bf16."""
-    num_experts, two_inter, _ = w1.shape
-    order, offs, token, valid = _routing_order(topk_idx, num_experts)
-    rows = x[token]
-    h = torch._grouped_mm(rows, w1.transpose(-2, -1), offs=offs)
-    act = F.silu(h[:, : two_inter // 2]) * h[:, two_inter // 2:]
-    out = torch._grouped_mm(act, w2.transpose(-2, -1), offs=offs)
+    order, offs, token, valid = _routing_order(topk_idx, w1.shape[0])
+    out = _grouped_ffn(x[token], offs, w1, w2)
     return _weighted_sum(out, order, token, valid, topk_weights, x.shape[0])
+
+
+def torch_ep_moe(x, topk_idx, topk_weights, w1, w2, group, grouped: bool = True):
+    """The MoE layer over the ranks of `group` as a PyTorch user writes it with torch.distributed.
+
+    x [T, H] bf16 this rank's tokens; topk_idx [T, K] global expert ids (-1 = none), rank r
+    owning experts [r * E_l, (r + 1) * E_l); topk_weights [T, K]; w1 [E_l, 2I, H] and
+    w2 [E_l, H, I] bf16: this rank's experts. grouped=False runs `_looped_ffn` instead of
+    torch._grouped_mm. Every rank of the group calls it. Returns y [T, H] bf16.
+    """
+    ranks = dist.get_world_size(group)
+    num_local, tokens, hidden = w1.shape[0], x.shape[0], x.shape[1]
+    k = topk_idx.shape[1]
+    flat = topk_idx.reshape(-1).long()
+    dest = torch.where(flat >= 0, flat // num_local, ranks)        # masked slots sort last, never sent
+    order = torch.argsort(dest, stable=True)
+    send_counts = torch.zeros(ranks + 1, dtype=torch.int64, device=x.device)
+    send_counts.scatter_add_(0, dest, torch.ones_like(dest))
+    send_counts = send_counts[:ranks].contiguous()
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()   # the host sync
+    sent = order[:sum(send_splits)]                                       # entries token * K + slot
+    recv_rows = x.new_empty(sum(recv_splits), hidden)
+    dist.all_to_all_single(recv_rows, x[sent // k], recv_splits, send_splits, group=group)
+    recv_expert = torch.empty(sum(recv_splits), dtype=torch.int64, device=x.device)
+    dist.all_to_all_single(recv_expert, flat[sent] - dest[sent] * num_local, recv_splits, send_splits, group=group)
+
+    out = torch.empty_like(recv_rows)
+    if recv_rows.shape[0]:
+        by_expert, offs, _, _ = _routing_order(recv_expert.unsqueeze(1), num_local)
+        ffn = _grouped_ffn if grouped else _looped_ffn
+        out[by_expert] = ffn(recv_rows[by_expert], offs, w1, w2)
+    back = x.new_empty(sent.shape[0], hidden)
+    dist.all_to_all_single(back, out, send_splits, recv_splits, group=group)
+
+    weight = topk_weights.reshape(-1)[sent].float().unsqueeze(1)
+    y = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
+    y.index_add_(0, sent // k, back.float() * weight)
+    return y.to(torch.bfloat16)
 
 
 def _rowwise_fp8(t: torch.Tensor):

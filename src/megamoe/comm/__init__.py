@@ -9,7 +9,9 @@ and combine into `y`. Every rank of the buffer's group calls it, also ranks with
 
     local  EP = 1: no communication.
     nccl   EP = R over torch.distributed all_to_all_single (NCCL, or gloo on the CPU).
-    symm   (not yet) one node: symmetric memory and NVLink pulls, CUDA-graph capturable.
+    symm   one node: symmetric memory, NVLink pulls and stores, device-side barriers; no host
+           sync, CUDA-graph capturable (on the CPU: /dev/shm and the Triton interpreter, tests).
 
-`wait.wait_for` bounds every host-side wait on a collective by MEGAMOE_TIMEOUT_S.
+`wait.wait_for` bounds every host-side wait on a collective by MEGAMOE_TIMEOUT_S; the symm
+backend bounds its device-side waits by the same timeout (comm/symm.py).
 """

@@ -100,6 +100,16 @@ def decode_e2m1_pair(packed):
 
 
 @triton.jit
+def count_expert_tiles(expert_offsets_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Row tiles of BLOCK_M over all experts: sum of ceil(count / BLOCK_M) (see find_expert_tile)."""
+    e = tl.arange(0, BLOCK_E)
+    in_range = e < num_experts
+    lo = tl.load(expert_offsets_ptr + e, mask=in_range, other=0)
+    hi = tl.load(expert_offsets_ptr + e + 1, mask=in_range, other=0)
+    return tl.sum(tl.cdiv(hi - lo, BLOCK_M), axis=0)
+
+
+@triton.jit
 def find_expert_tile(expert_offsets_ptr, num_experts, tile_id, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """Map `tile_id` to (expert, first row, end row) over experts' rows cut into BLOCK_M tiles.
 
