@@ -192,7 +192,15 @@ class SymmetricStorage:
             self.storage = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
             handle = symm_mem.rendezvous(self.storage, group)
             self._keep.append(handle)
-            addresses = list(handle.buffer_ptrs)
+            # buffer_ptrs are the bases of the ranks' allocations; the tensor may start at an
+            # offset inside its allocation (the handle's `offset`), which need not be the same on
+            # every rank: gather every rank's.
+            offset = torch.tensor([self.storage.data_ptr() - handle.buffer_ptrs[rank]], dtype=torch.int64,
+                                  device=device)
+            offsets = [torch.empty_like(offset) for _ in range(num_ranks)]
+            wait_for(dist.all_gather(offsets, offset, group=group, async_op=True),
+                     f"MegaMoEBuffer (rank {rank}): all_gather of the symmetric-memory offsets")
+            addresses = [base + int(off) for base, off in zip(handle.buffer_ptrs, offsets)]
         else:
             addresses = self._map_shared_files(nbytes, group, rank, num_ranks)
         self.peer_ptrs = torch.tensor(addresses, dtype=torch.int64, device=device)

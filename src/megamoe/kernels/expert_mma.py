@@ -48,8 +48,9 @@ def decode_e2m1_pair_packed(packed):
 def _group_scales(w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, g, WIDE: tl.constexpr):
     """Weight scales [BLOCK_W] and activation scales [BLOCK_M] of groups g .. g+3, as fp32.
 
-    Unmasked: both scale arrays have a multiple of 4 groups (padding holds 1.0) and the rows
-    are valid indices, so even the prefetch past the last step stays in bounds. WIDE: 64-bit
+    Unmasked: both scale arrays have a multiple of 4 groups (padding holds 1.0), the rows are
+    valid indices and callers never ask for groups past the last step (see `mxfp4_rows_dot`):
+    the arrays end right after it, the last one of an allocation included. WIDE: 64-bit
     group offsets, for scale tables of 2^31 entries or more (they cost registers otherwise).
     """
     if WIDE:
@@ -143,12 +144,18 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_n, stride_ws_g,
     w_base = w_ptr + w_rows[:, None] * stride_w_n + offs[None, :]
     a_base = a_ptr + a_rows[None, :] * stride_a_m + offs[:, None]
     full_steps = k_size // 128
+    # First group of the last step (the partial one if K is not a multiple of 128). Loads of a
+    # "next" step clamp to it: past it the scale tables end (with K = 4096 the last expert's
+    # weight scales and the last buffer region end exactly there), and reading on would fault
+    # where nothing is mapped after them (seen on H100, 2026-11-28).
+    last_group = 4 * (tl.cdiv(k_size, 128) - 1)
     if ISSUE_AHEAD:
         sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
             w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 0, WIDE_SCALES)
         for step in range(0, full_steps):
             nw0, nw1, nw2, nw3, na0, na1, na2, na3 = _group_scales(
-                w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 4 * step + 4, WIDE_SCALES)
+                w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g,
+                tl.minimum(4 * step + 4, last_group), WIDE_SCALES)
             acc = _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
                             False, PTX_DECODE, ISSUE_AHEAD)
             sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = nw0, nw1, nw2, nw3, na0, na1, na2, na3
@@ -161,7 +168,7 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_n, stride_ws_g,
             acc = _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
                             False, PTX_DECODE, ISSUE_AHEAD)
         sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
-            w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 4 * full_steps, WIDE_SCALES)
+            w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, last_group, WIDE_SCALES)
     if k_size % 128 != 0:
         acc = _step_dot(acc, w_base, a_base, full_steps, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
                         True, PTX_DECODE, ISSUE_AHEAD)
