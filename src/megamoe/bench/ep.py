@@ -15,7 +15,7 @@ inputs:
 
     symm   MegaMoEBuffer(E, C, K, H, I, group, backend="symm"): pre_dispatch + mega_moe, timed
            as CUDA-graph replays (eagerly, with a note, if capture raises; eagerly on the CPU);
-           "unavailable" while the constructor raises NotImplementedError (on the CPU: raises).
+           "unavailable" on the CPU when the constructor refuses (symm wants TRITON_INTERPRET=1).
     nccl   the same with backend="nccl", eager (it reads the exchanged counts on the host).
     torch  baseline: what a PyTorch user writes (`baselines.torch_ep_moe`): exchange counts,
            all_to_all_single of BF16 rows to the experts' owners, the BF16 torch._grouped_mm
@@ -442,17 +442,16 @@ def _build_rank(rank: int, cfg: EPBenchConfig, group, device, status: dict, note
     for backend in BACKENDS:
         if backend not in cfg.backends and not (backend == "nccl" and oracle):
             continue
-        why, missing = "", False
+        why = ""
         try:
             buffers[backend] = MegaMoEBuffer(shape.num_experts, capacity, shape.num_topk, shape.hidden,
                                              shape.intermediate, group=group, backend=backend, device=device)
         except Exception as exc:  # noqa: BLE001 - a backend that cannot be built is reported, the others run
-            missing = isinstance(exc, NotImplementedError)
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if not _agree(not why, group, device):
-            # NotImplementedError: the backend does not exist (yet); on the CPU a backend may also
-            # refuse its setting (symm wants the Triton interpreter); anything else is a failure.
-            status[backend] = "unavailable" if missing or device.type == "cpu" else "FAILED"
+            # On the CPU a backend may refuse its setting (symm wants the Triton interpreter); on
+            # GPUs a constructor that raises is a failure.
+            status[backend] = "unavailable" if device.type == "cpu" else "FAILED"
             notes.append(f"{backend}: MegaMoEBuffer(..., backend={backend!r}) raised {why or 'on another rank'}")
             buffers.pop(backend, None)
     if "ep1" in cfg.paths:
