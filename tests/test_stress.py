@@ -127,6 +127,15 @@ def test_pressure_two_gloo_ranks(tmp_path):
     assert report.checks["contract"] == 80   # both ranks checked every iteration
 
 
+def test_pressure_two_symm_ranks(tmp_path):
+    """Random cases through the symm backend's kernels (CPU: /dev/shm, Triton interpreter)."""
+    report = run_stress_ranks(8, 2, seed=11, profile="tiny", tolerance=LAYER_CONTRACT, workdir=tmp_path,
+                              env_vars={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}, deadline_s=150,
+                              ep_backend="symm")
+    _assert_clean(report, 8)
+    assert report.checks["contract"] == 16
+
+
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 @pytest.mark.parametrize("path", ["interpreter", "torch"])
 def test_pressure_heavy(ranks, path, heavy_iterations, tmp_path, monkeypatch):
@@ -223,6 +232,20 @@ def default_faults(tmp_path_factory):
 def test_fault_over_gloo(scenario, default_faults):
     result = default_faults.results[scenario]
     assert result["problems"] == [], default_faults.summary()
+
+
+@pytest.fixture(scope="module")
+def symm_faults(tmp_path_factory):
+    """The symm backend's device-side barriers, on CPU ranks (/dev/shm, Triton interpreter)."""
+    return run_faults(2, DEFAULT_FAULTS, timeout_s=FAULT_TIMEOUT_S, tolerance=LAYER_CONTRACT,
+                      workdir=tmp_path_factory.mktemp("symm-faults"), env_vars={"TRITON_INTERPRET": "1"},
+                      ep_backend="symm")
+
+
+@pytest.mark.parametrize("scenario", DEFAULT_FAULTS)
+def test_fault_symm_backend(scenario, symm_faults):
+    result = symm_faults.results[scenario]
+    assert result["problems"] == [], symm_faults.summary()
 
 
 @pytest.mark.parametrize("ranks", [2, 4])

@@ -14,7 +14,7 @@ from . import reference
 from .buffer import MegaMoEBuffer, buffer_layout
 # The backends are imported here, not first when a buffer is built: their Triton kernels become
 # interpreted or compiled by TRITON_INTERPRET at decoration, which must happen at import.
-from .comm import local as _local, nccl as _nccl  # noqa: F401
+from .comm import local as _local, nccl as _nccl, symm as _symm  # noqa: F401
 from .formats import dequantize_fp8, dequantize_mxfp4, quantize_fp8, quantize_mxfp4
 from .kernels.pre_dispatch import pre_dispatch
 from .layer import MegaMoELayer

@@ -5,7 +5,8 @@ offsets on every rank), so a peer's region is its base address + the region's of
 `peer_ptrs` holds the R base addresses (int64, on the device); kernels cast base + offset to
 a pointer. On CUDA the allocation comes from torch.distributed._symmetric_memory (peers' memory
 mapped over NVLink); on the CPU (tests, under TRITON_INTERPRET=1) from files in /dev/shm that
-every rank maps, which runs the same kernels and the same protocol across processes.
+every rank maps, which runs the same kernels and the same protocol across processes (a host
+clock, `InterpreterClock`, stands in for %globaltimer there).
 
 One call, rank r of R, every step a kernel on r's stream, no host synchronisation:
 
@@ -43,6 +44,8 @@ that timed out is not valid, and the buffer is unusable afterwards (peers may be
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 
 import torch
@@ -51,14 +54,13 @@ import triton
 import triton.language as tl
 
 from .. import env
-from ..buffer import META_FAILED, META_NUM_TOKENS
+from ..buffer import META_FAILED
 from ..experts import ExpertOptions, launch_l1, launch_l2
 from ..kernels.combine import combine
 from ..kernels.plan import plan
 from .wait import wait_for
 
 PHASES = ("dispatch", "combine")
-EPOCH_SLOT = "epoch"
 
 # Error word in pinned host memory: [0] what happened, [1] phase, [2] the rank waited for.
 ERR_FLAG_WORD: tl.constexpr = tl.constexpr(0)
@@ -67,10 +69,7 @@ ERR_PEER_WORD: tl.constexpr = tl.constexpr(2)
 ERR_TIMEOUT: tl.constexpr = tl.constexpr(1)   # the rank did not arrive within the timeout
 ERR_ABORTED: tl.constexpr = tl.constexpr(2)   # the rank gave up on this call (its own wait failed)
 
-# Under the Triton interpreter there is no clock in a kernel: a wait gives up after
-# timeout / INTERPRET_SPIN_NS polls (one interpreted poll takes about 1-3 ms on a CI core), so
-# the CPU path's timeout is approximate; the GPU's is measured with %globaltimer.
-INTERPRET_SPIN_NS = 1_000_000
+CLOCK_PERIOD_S = 0.001
 
 GATHER_PROGRAMS_PER_SM = 8
 GEMM_PROGRAMS_PER_SM = 8
@@ -82,17 +81,39 @@ def signal_words(num_ranks: int) -> int:
     return len(PHASES) * num_ranks + 1
 
 
+class InterpreterClock:
+    """CPU (Triton interpreter) only: an int64 tensor holding time.monotonic_ns(), refreshed by a
+    daemon thread every CLOCK_PERIOD_S (the interpreter has no %globaltimer), so the interpreted
+    barrier measures its timeout in seconds as the GPU does. The interpreter runs Python, so
+    the thread gets the GIL while a kernel spins."""
+
+    _tensor = None
+
+    @classmethod
+    def tensor(cls) -> torch.Tensor:
+        if cls._tensor is None:
+            cls._tensor = torch.full((1,), time.monotonic_ns(), dtype=torch.int64)
+            threading.Thread(target=cls._tick, name="megamoe-interpreter-clock", daemon=True).start()
+        return cls._tensor
+
+    @classmethod
+    def _tick(cls) -> None:
+        while True:
+            cls._tensor[0] = time.monotonic_ns()
+            time.sleep(CLOCK_PERIOD_S)
+
+
 @triton.jit
-def _now_ns(INTERPRET: tl.constexpr):
+def _now_ns(clock_ptr, INTERPRET: tl.constexpr):
     if INTERPRET:
-        return 0
+        return tl.load(clock_ptr, volatile=True)
     else:
         return tl.extra.cuda.globaltimer()
 
 
 @triton.jit
 def _barrier_kernel(peer_ptrs_ptr, signals_offset, signals_ptr, meta_ptr, error_address, rank, num_ranks,
-                    timeout_ns, max_polls, PHASE: tl.constexpr, NUM_PHASES: tl.constexpr, BLOCK_R: tl.constexpr,
+                    timeout_ns, clock_ptr, PHASE: tl.constexpr, NUM_PHASES: tl.constexpr, BLOCK_R: tl.constexpr,
                     META_FAIL: tl.constexpr, INTERPRET: tl.constexpr):
     epoch_ptr = signals_ptr + NUM_PHASES * num_ranks
     if PHASE == 0:
@@ -113,8 +134,7 @@ def _barrier_kernel(peer_ptrs_ptr, signals_offset, signals_ptr, meta_ptr, error_
                    sem="release", scope="sys")
 
     mine = signals_ptr + PHASE * num_ranks + peers
-    start = _now_ns(INTERPRET)
-    polls = 0
+    start = _now_ns(clock_ptr, INTERPRET)
     missing = 1
     aborted = 0
     expired = failed  # after a failure nothing waits again
@@ -122,11 +142,7 @@ def _barrier_kernel(peer_ptrs_ptr, signals_offset, signals_ptr, meta_ptr, error_
         seen = tl.atomic_add(mine, tl.zeros((BLOCK_R,), tl.int64), mask=is_rank, sem="acquire", scope="sys")
         missing = tl.sum((is_rank & (seen < epoch)).to(tl.int32), axis=0)
         aborted = tl.sum((is_rank & (seen < 0)).to(tl.int32), axis=0)
-        polls += 1
-        if INTERPRET:
-            expired = polls > max_polls
-        else:
-            expired = (_now_ns(INTERPRET) - start) > timeout_ns
+        expired = (_now_ns(clock_ptr, INTERPRET) - start) > timeout_ns
     if (missing > 0) & (failed == 0):
         # Timed out, or a peer aborted: record which rank, tell the host, and mark every slot of
         # this rank ABORTED on every peer, so that a rank arriving late stops at its next barrier
@@ -279,7 +295,7 @@ class SymmBackend:
         timeout_ns = int(env.timeout_s() * 1e9)
         _barrier_kernel[(1,)](
             self.peer_ptrs, self.offsets["signals"], buf.signals, buf.meta, self.error.data_ptr(), self.rank,
-            self.num_ranks, timeout_ns, max(1, timeout_ns // INTERPRET_SPIN_NS),
+            self.num_ranks, timeout_ns, InterpreterClock.tensor() if interpret else buf.signals,
             PHASE=phase, NUM_PHASES=len(PHASES), BLOCK_R=triton.next_power_of_2(self.num_ranks), META_FAIL=META_FAILED,
             INTERPRET=interpret, num_warps=1)
 
