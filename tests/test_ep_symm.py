@@ -162,6 +162,14 @@ def test_layout_symm():
     assert auto_one_node == list(symm)
 
 
+def test_info_command_symm(capsys):
+    from megamoe.cli import main
+
+    assert main(["info", "--ranks", "2", "--tokens", "64", "--backend", "symm"]) == 0
+    out = capsys.readouterr().out
+    assert "backend symm" in out and "recv_topk" in out and "send_rows" not in out
+
+
 # ------------------------------------------------------------------ GPUs (device tool)
 
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}   # DESIGN.md section 8

@@ -69,10 +69,13 @@ def info(args) -> int:
     from .testing import MODEL_SHAPES
 
     shape = MODEL_SHAPES[args.shape]
+    backend = args.backend if args.ranks > 1 else "auto"
     regions = buffer_layout(shape.num_experts, args.tokens, shape.num_topk, shape.hidden, shape.intermediate,
-                            num_ranks=args.ranks, mode=args.mode, intermediate_sf=args.intermediate_sf)
+                            num_ranks=args.ranks, mode=args.mode, intermediate_sf=args.intermediate_sf,
+                            backend=backend)
     print(f"MegaMoEBuffer for {shape.name}: E={shape.num_experts}, K={shape.num_topk}, H={shape.hidden}, "
-          f"I={shape.intermediate}, {args.tokens} tokens per rank, {args.ranks} rank(s), mode {args.mode}")
+          f"I={shape.intermediate}, {args.tokens} tokens per rank, {args.ranks} rank(s), mode {args.mode}"
+          + (f", backend {backend}" if args.ranks > 1 else ""))
     print(describe_layout(regions))
     return 0
 
@@ -155,6 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="v4-flash", choices=sorted(MODEL_SHAPES))
     p.add_argument("--tokens", type=int, default=8192, help="max tokens per rank")
     p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--backend", default="nccl", choices=["nccl", "symm"],
+                   help="with --ranks > 1: the backend whose regions to show (auto picks symm inside one node)")
     p.add_argument("--mode", default="fp8xfp4", choices=["fp8xfp4", "bf16xbf16"])
     p.add_argument("--intermediate-sf", default="ue8m0", choices=["ue8m0", "fp32"])
     p.set_defaults(func=info)
