@@ -237,15 +237,25 @@ def test_fault_over_gloo(scenario, default_faults):
 @pytest.fixture(scope="module")
 def symm_faults(tmp_path_factory):
     """The symm backend's device-side barriers, on CPU ranks (/dev/shm, Triton interpreter)."""
-    return run_faults(2, DEFAULT_FAULTS, timeout_s=FAULT_TIMEOUT_S, tolerance=LAYER_CONTRACT,
+    return run_faults(2, SYMM_FAULTS, timeout_s=FAULT_TIMEOUT_S, tolerance=LAYER_CONTRACT,
                       workdir=tmp_path_factory.mktemp("symm-faults"), env_vars={"TRITON_INTERPRET": "1"},
                       ep_backend="symm")
 
 
-@pytest.mark.parametrize("scenario", DEFAULT_FAULTS)
+SYMM_FAULTS = DEFAULT_FAULTS + ("killed_gather",)
+
+
+@pytest.mark.parametrize("scenario", SYMM_FAULTS)
 def test_fault_symm_backend(scenario, symm_faults):
     result = symm_faults.results[scenario]
     assert result["problems"] == [], symm_faults.summary()
+    if scenario == "killed_gather":   # the survivor pulled from the dead rank, then waited for it
+        assert "combine barrier" in result["ranks"][0], result["ranks"][0]
+
+
+def test_symm_only_fault_needs_symm():
+    with pytest.raises(ValueError, match="killed_gather"):
+        run_faults(2, ["killed_gather"])
 
 
 @pytest.mark.parametrize("ranks", [2, 4])

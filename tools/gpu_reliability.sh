@@ -26,6 +26,8 @@ STEP=${1:?usage: tools/gpu_reliability.sh STEP [OUT_DIR]}
 OUT=${2:-reliability_out}
 ITERATIONS=${ITERATIONS:-1000}
 EP_BACKEND=${EP_BACKEND:-auto}
+FAULTS=mismatched_capacity,late_half,late_double,killed_counts,killed_dispatch,killed_combine
+[ "$EP_BACKEND" = symm ] && FAULTS=$FAULTS,killed_gather   # a peer dies while the others pull its rows
 mkdir -p "$OUT"
 # The working tree's package, installed or not.
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -59,11 +61,9 @@ case "$STEP" in
     stress-ep4) run 570 $MEGAMOE stress --iterations "$ITERATIONS" --profile gpu --ranks 4 --deadline 540 \
         --ep-backend "$EP_BACKEND" --json "$OUT/$STEP-$EP_BACKEND.json" ;;
     faults-2) run 570 $MEGAMOE stress --faults --ranks 2 --timeout 10 --ep-backend "$EP_BACKEND" \
-        --scenarios mismatched_capacity,late_half,late_double,killed_counts,killed_dispatch,killed_combine \
-        --json "$OUT/$STEP-$EP_BACKEND.json" ;;
+        --scenarios "$FAULTS" --json "$OUT/$STEP-$EP_BACKEND.json" ;;
     faults-4) run 570 $MEGAMOE stress --faults --ranks 4 --timeout 10 --ep-backend "$EP_BACKEND" \
-        --scenarios mismatched_capacity,late_half,late_double,killed_counts,killed_dispatch,killed_combine \
-        --json "$OUT/$STEP-$EP_BACKEND.json" ;;
+        --scenarios "$FAULTS" --json "$OUT/$STEP-$EP_BACKEND.json" ;;
     graphs) run 570 $MEGAMOE stress --graphs --replays 10000 --check-every 100 --json "$OUT/$STEP.json" ;;
     large) run 570 $MEGAMOE stress --large --json "$OUT/$STEP.json" ;;
     memcheck)

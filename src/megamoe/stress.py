@@ -44,6 +44,11 @@ followed by `check_errors`, which is where the symm backend's device-side timeou
                          combine's input): every other rank raises TimeoutError or RuntimeError
                          naming the collective within timeout + 5 s. (Killed just after issuing,
                          its rows may already be delivered, and the others rightly finish.)
+                         On the symm backend: before the dispatch barrier (counts, dispatch) or
+                         the combine barrier (combine).
+    killed_gather        symm backend only: the last rank dies right after its dispatch barrier,
+                         while the others pull its rows from its (still mapped) memory; they
+                         raise TimeoutError naming the combine barrier within timeout + 5 s
 
 Every rank runs in its own spawned process (`spawn_ranks`): file-store rendezvous, one
 faulthandler deadline per process, a parent that kills whatever is still alive at the deadline;
@@ -792,7 +797,9 @@ def _rank_main(fn, rank, num_ranks, backend, init_file, release_file, result_fil
 
 # ------------------------------------------------------------------ fault injection
 
-FAULTS = ("mismatched_capacity", "late_half", "late_double", "killed_counts", "killed_dispatch", "killed_combine")
+FAULTS = ("mismatched_capacity", "late_half", "late_double", "killed_counts", "killed_dispatch", "killed_combine",
+          "killed_gather")
+SYMM_ONLY_FAULTS = ("killed_gather",)
 SHARED_GROUP_FAULTS = ("mismatched_capacity", "late_half", "late_double")
 """Faults that leave the other ranks' processes alive run one after another on one group, in
 this order (late_double last: the group is unusable after a timed-out collective)."""
@@ -810,7 +817,8 @@ def _arm_kill(phase: str, ep_backend: str) -> None:
     torch.distributed module, so replacing the module's function here reaches it.
     The symm backend's only meeting points are its two device barriers: "counts" and "dispatch"
     kill before launching the dispatch barrier, "combine" before the combine barrier (after
-    this rank's L2 kernels were launched).
+    this rank's L2 kernels were launched), "gather" right after the dispatch barrier has
+    completed, so the other ranks pull rows from a dead rank's memory.
     """
     if ep_backend == "symm":
         from .comm.symm import SymmBackend
@@ -819,9 +827,14 @@ def _arm_kill(phase: str, ep_backend: str) -> None:
         original_barrier = SymmBackend._barrier
 
         def die_at_barrier(self, buf, barrier_phase):
-            if barrier_phase == target:
+            if barrier_phase == target and phase != "gather":
                 os.kill(os.getpid(), signal.SIGKILL)
-            return original_barrier(self, buf, barrier_phase)
+            result = original_barrier(self, buf, barrier_phase)
+            if barrier_phase == target and phase == "gather":
+                if buf.device.type == "cuda":
+                    torch.cuda.synchronize(buf.device)   # the barrier has signalled the others
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
 
         SymmBackend._barrier = die_at_barrier
         return
@@ -981,6 +994,9 @@ def run_faults(num_ranks: int = 2, scenarios=DEFAULT_FAULTS, *, backend: str = "
     unknown = set(scenarios) - set(FAULTS)
     if unknown:
         raise ValueError(f"scenarios: unknown {sorted(unknown)}; expected some of {FAULTS}")
+    symm_only = set(scenarios) & set(SYMM_ONLY_FAULTS)
+    if symm_only and ep_backend != "symm":
+        raise ValueError(f"scenarios: {sorted(symm_only)} apply to ep_backend='symm' only, got {ep_backend!r}")
     if num_ranks < 2:
         raise ValueError(f"num_ranks: fault injection needs at least 2 ranks, got {num_ranks}")
     runs = [[s for s in SHARED_GROUP_FAULTS if s in scenarios]] + [[s] for s in scenarios if s.startswith("killed_")]

@@ -260,7 +260,6 @@ class SymmBackend:
         # The timeout word: pinned host memory the device writes and the host reads without a sync.
         self.error = torch.zeros(4, dtype=torch.int32, pin_memory=buf.device.type == "cuda")
         self.rank, self.num_ranks = buf.rank, buf.num_ranks
-        self.timeout_what = None
         if buf.device.type == "cuda":
             sms = torch.cuda.get_device_properties(buf.device).multi_processor_count
             self.gather_programs, self.gemm_programs = sms * GATHER_PROGRAMS_PER_SM, sms * GEMM_PROGRAMS_PER_SM
