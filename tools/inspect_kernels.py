@@ -17,6 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from megamoe.experts import _register_cap
 from megamoe.kernels.config import GemmConfig, pick_config
 from megamoe.kernels.l1_swiglu import _l1_swiglu_kernel
 from megamoe.kernels.l2 import _l2_kernel
@@ -35,13 +36,16 @@ def _signature(fn, types, constexprs):
     return sig
 
 
-def compile_kernel(fn, types, constexprs, num_warps, num_stages):
+def compile_kernel(fn, types, constexprs, num_warps, num_stages, maxnreg=None):
     sig = _signature(fn, types, constexprs)
     # As at a real launch, where Triton specialises pointers and integers divisible by 16.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if sig[name] != "constexpr" and sig[name] != "fp32" and name not in NOT_DIVISIBLE}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=TARGET, options=options)
 
 
 NOT_DIVISIBLE = {"num_local_experts", "num_topk", "num_cols_tiles", "rank", "num_ranks", "entries_per_rank",
@@ -97,7 +101,9 @@ def main():
     nvdisasm, cuobjdump = os.path.join(bin_dir, "nvdisasm"), os.path.join(bin_dir, "cuobjdump")
     for (name, cfg), fn, types, constexprs in variants():
         block_m = cfg.block_m
-        k = compile_kernel(fn, types, constexprs, cfg.num_warps, cfg.num_stages)
+        # The launchers' register cap (experts._register_cap) where they set one.
+        cap = _register_cap(constexprs.get("PERSISTENT", False), cfg).get("maxnreg") if fn is _l1_swiglu_kernel else None
+        k = compile_kernel(fn, types, constexprs, cfg.num_warps, cfg.num_stages, cap)
         ptx = k.asm["ptx"]
         cubin = k.asm["cubin"]
         tag = f"{name}_m{block_m}"
