@@ -49,7 +49,7 @@ def compile_kernel(fn, types, constexprs, num_warps, num_stages, maxnreg=None):
 
 
 NOT_DIVISIBLE = {"num_local_experts", "num_topk", "num_cols_tiles", "rank", "num_ranks", "entries_per_rank",
-                 "row_words", "sf_words", "groups"}
+                 "sf_words", "groups"}
 L1_TYPES = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", topk_weights_ptr="*fp32", sorted_rows_ptr="*i32",
                 expert_offsets_ptr="*i32", w_ptr="*u8", w_scale_ptr="*bf16", inter_ptr="*fp8e4nv",
                 inter_scale_ptr="*fp32", clamp="fp32", bias_ptr="*fp32")

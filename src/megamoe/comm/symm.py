@@ -176,7 +176,9 @@ def _gather_kernel(peer_ptrs_ptr, x_offset, sf_offset, weights_offset, sorted_ro
         token = local // num_topk
         base = tl.load(peer_ptrs_ptr + source)
         # The row's bytes as int64 words: H FP8 bytes (2H in bf16xbf16 mode), a multiple of 8.
-        src_row = (base + x_offset).to(tl.pointer_type(tl.int64)) + token * row_words
+        # Buffer bases are allocation starts and regions start on 256 bytes: saying so lets the
+        # compiler use 16-byte loads, which it cannot prove through the int-to-pointer cast.
+        src_row = tl.multiple_of((base + x_offset).to(tl.pointer_type(tl.int64)), 16) + token * row_words
         dst_row = recv_x_ptr + tl.cast(row, tl.int64) * row_words
         for start in range(0, row_words, BLOCK_W):
             words = start + w
@@ -219,6 +221,8 @@ class SymmetricStorage:
             addresses = [base + int(off) for base, off in zip(handle.buffer_ptrs, offsets)]
         else:
             addresses = self._map_shared_files(nbytes, group, rank, num_ranks)
+        # The gather kernel loads rows 16 bytes at a time from these bases (it is told so).
+        assert all(a % 16 == 0 for a in addresses), [hex(a) for a in addresses]
         self.peer_ptrs = torch.tensor(addresses, dtype=torch.int64, device=device)
 
     def _map_shared_files(self, nbytes, group, rank, num_ranks) -> list[int]:
