@@ -102,7 +102,8 @@ def main():
     for (name, cfg), fn, types, constexprs in variants():
         block_m = cfg.block_m
         # The launchers' register cap (experts._register_cap) where they set one.
-        cap = _register_cap(constexprs.get("PERSISTENT", False), cfg).get("maxnreg") if fn is _l1_swiglu_kernel else None
+        persistent_fp8 = constexprs.get("PERSISTENT", False) and constexprs["QUANTIZED"]
+        cap = _register_cap(persistent_fp8, cfg).get("maxnreg") if fn is _l1_swiglu_kernel else None
         k = compile_kernel(fn, types, constexprs, cfg.num_warps, cfg.num_stages, cap)
         ptx = k.asm["ptx"]
         cubin = k.asm["cubin"]

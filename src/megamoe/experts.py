@@ -116,14 +116,15 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", GATHERED=gathered,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
         UPCAST=_upcast(), WIDE_SCALES=wide, PERSISTENT=max_programs is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_register_cap(max_programs is not None, cfg),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_register_cap(max_programs is not None and quantized, cfg),
     )
 
 
-# The persistent L1 (symm backend) at 16-row tiles compiles to about 240 registers a thread, 2
-# programs per SM, where the one-tile L1 of EP = 1 takes 132-158 and 3. Capped at 168 it still
-# does not spill (tools/inspect_kernels.py --symm, sm_90a, 2026-11-28) and gets the third program
-# back. Its effect on time is not measured yet; at 32 rows the cap would spill.
+# The persistent FP8 x MXFP4 L1 (symm backend) at 16-row tiles compiles to about 240 registers a
+# thread, 2 programs per SM, where the one-tile L1 of EP = 1 takes 132-158 and 3. Capped at 168
+# it still does not spill (tools/inspect_kernels.py --symm, sm_90a, 2026-11-28) and gets the
+# third program back. Its effect on time is not measured yet; at 32 rows the cap would spill.
 PERSISTENT_L1_MAXNREG = 168
 
 
