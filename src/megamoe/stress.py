@@ -612,8 +612,8 @@ def run_stress(iterations: int, *, seed: int = 0, start: int = 0, profile: str =
     """Iterations start .. start + iterations - 1 of `seed` on this process (module docstring).
 
     group: None for EP = 1; else every rank of the process group calls this with the same
-    arguments (the calls are collective), and ep_backend is the buffers' backend. progress: None, or a function called with
-    (iterations done, report) after each iteration.
+    arguments (the calls are collective), and ep_backend is the buffers' backend.
+    progress: None, or a function called with (iterations done, report) after each iteration.
     Returns this rank's StressReport; failures are recorded, never raised.
     """
     device = torch.device(device) if device is not None else default_device()

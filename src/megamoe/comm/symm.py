@@ -303,7 +303,7 @@ class SymmBackend:
             INTERPRET=interpret, num_warps=1)
 
     def forward(self, y: torch.Tensor, l1, l2, buf, opts: ExpertOptions, recv_stats) -> None:
-        self.raise_pending()
+        # mega_moe's checks (buf.check_alive) have already raised any earlier timeout.
         quantized = buf.mode == "fp8xfp4"
         cap, k = buf.num_max_tokens_per_rank, buf.num_topk
         entries = self.num_ranks * cap * k

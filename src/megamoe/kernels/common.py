@@ -100,13 +100,20 @@ def decode_e2m1_pair(packed):
 
 
 @triton.jit
-def count_expert_tiles(expert_offsets_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Row tiles of BLOCK_M over all experts: sum of ceil(count / BLOCK_M) (see find_expert_tile)."""
+def _expert_row_ranges(expert_offsets_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(e, lo, hi, tiles) [BLOCK_E]: expert e owns sorted rows [lo, hi), cut into `tiles` tiles."""
     e = tl.arange(0, BLOCK_E)
     in_range = e < num_experts
     lo = tl.load(expert_offsets_ptr + e, mask=in_range, other=0)
     hi = tl.load(expert_offsets_ptr + e + 1, mask=in_range, other=0)
-    return tl.sum(tl.cdiv(hi - lo, BLOCK_M), axis=0)
+    return e, lo, hi, tl.cdiv(hi - lo, BLOCK_M)
+
+
+@triton.jit
+def count_expert_tiles(expert_offsets_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Row tiles of BLOCK_M over all experts: sum of ceil(count / BLOCK_M) (see find_expert_tile)."""
+    _, _, _, tiles = _expert_row_ranges(expert_offsets_ptr, num_experts, BLOCK_M, BLOCK_E)
+    return tl.sum(tiles, axis=0)
 
 
 @triton.jit
@@ -117,11 +124,7 @@ def find_expert_tile(expert_offsets_ptr, num_experts, tile_id, BLOCK_M: tl.const
     [offsets[e], offsets[e+1]). Expert e has ceil(count / BLOCK_M) tiles, in expert order.
     Returns expert = num_experts when `tile_id` is past the last tile.
     """
-    e = tl.arange(0, BLOCK_E)
-    in_range = e < num_experts
-    lo = tl.load(expert_offsets_ptr + e, mask=in_range, other=0)
-    hi = tl.load(expert_offsets_ptr + e + 1, mask=in_range, other=0)
-    tiles = tl.cdiv(hi - lo, BLOCK_M)
+    e, lo, hi, tiles = _expert_row_ranges(expert_offsets_ptr, num_experts, BLOCK_M, BLOCK_E)
     tile_end = tl.cumsum(tiles, axis=0)
     expert = tl.sum((tile_end <= tile_id).to(tl.int32), axis=0)
     this = e == expert

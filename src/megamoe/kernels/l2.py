@@ -2,8 +2,9 @@
 
 A tile is BLOCK_N hidden columns of BLOCK_M rows of one expert (plus the expert's bias times
 the row's routing weight, when there is a bias); each row, rounded to BF16, goes to the combine
-slot of the (token, slot) it came from, so no separate un-permute pass is needed: the combine reads a dense [tokens * K, H] table. In the symm backend
-that table is in the source rank's buffer, written over NVLink (REMOTE_OUT).
+slot of the (token, slot) it came from, so no separate un-permute pass is needed: the combine
+reads a dense [tokens * K, H] table. In the symm backend that table is in the source rank's
+buffer, written over NVLink (REMOTE_OUT).
 """
 
 from __future__ import annotations
