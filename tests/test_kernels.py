@@ -269,3 +269,21 @@ def test_destroyed_buffer_raises(setup):
         megamoe.pre_dispatch(p.x, p.topk_idx, p.topk_weights, buf)
     with pytest.raises(RuntimeError, match="destroyed"):
         megamoe.mega_moe(torch.empty_like(p.x), l1, l2, buf)
+
+
+# H100/H200 SM: 64K registers, 228 KB shared memory, 2048 threads.
+HOPPER_SM = dict(regs_per_sm=65536, shared_per_sm=233472, threads_per_sm=2048)
+
+
+@pytest.mark.parametrize("regs, warps, shared, expected", [
+    (154, 4, 20480, 3),    # the one-tile 16-row L1 (tools/inspect_kernels.py)
+    (168, 4, 20480, 3),    # the persistent L1 under its register cap
+    (240, 4, 20480, 2),    # the persistent L1 without the cap
+    (255, 8, 40960, 1),    # 64-row tiles, 8 warps
+    (32, 4, 100000, 2),    # bound by shared memory (2 x (100000 + 1 KB) fit, 3 do not)
+    (16, 4, 0, 16),        # bound by threads: 2048 / 128
+    (16, 1, 0, 32),        # bound by the 32 blocks an SM holds
+])
+def test_persistent_grid_is_what_an_sm_holds(regs, warps, shared, expected):
+    from megamoe.experts import programs_per_sm
+    assert programs_per_sm(regs, warps, shared, **HOPPER_SM) == expected

@@ -277,6 +277,9 @@ def _outcome(rank, scenario, outcome="ok", seconds=0.1, message="", value=0.0, s
     ("late_half", [_outcome(0, "late_half", value=0.5), _outcome(1, "late_half")]),   # wrong result
     ("late_double", [_outcome(0, "late_double", "TimeoutError", 9.0, "mega_moe (rank 0): ... MEGAMOE_TIMEOUT_S"),
                      _outcome(1, "late_double", "TimeoutError", 2.0, "mega_moe (rank 1): ...")]),   # too slow
+    ("late_double", [_outcome(0, "late_double", "TimeoutError", 2.0, "mega_moe (rank 0): rank 2 aborted the call"),
+                     _outcome(1, "late_double", "TimeoutError", 2.0, "mega_moe (rank 1): rank 2 aborted the call"),
+                     _outcome(2, "late_double", "TimeoutError", 0.0, "mega_moe (rank 2): ...")]),   # nobody timed out
     ("killed_dispatch", [RankOutcome(0, "hung"), RankOutcome(1, "died")]),
     ("killed_dispatch", [_outcome(0, "killed_dispatch", "RuntimeError", 0.1, "mega_moe (rank 0): failed"),
                          _outcome(1, "killed_dispatch")]),                                      # victim lived
@@ -286,6 +289,16 @@ def _outcome(rank, scenario, outcome="ok", seconds=0.1, message="", value=0.0, s
 ])
 def test_judge_flags_what_issue_6_forbids(scenario, outcomes):
     assert judge_faults(scenario, outcomes, FAULT_TIMEOUT_S, LAYER_CONTRACT)
+
+
+def test_judge_takes_an_abort_passed_on_by_the_rank_that_timed_out():
+    # What 4 ranks over symm did on 4 x H200 (2026-11-28): rank 0 timed out on the late rank 3
+    # and marked the call aborted on every peer; ranks 1 and 2 raised naming rank 0.
+    timeout = "mega_moe (rank 0, symm backend): rank 3 did not reach the dispatch barrier within MEGAMOE_TIMEOUT_S"
+    aborted = "mega_moe (rank {}, symm backend): rank 0 aborted the call at the dispatch barrier"
+    outcomes = [_outcome(0, "late_double", "TimeoutError", 3.0, timeout)]
+    outcomes += [_outcome(r, "late_double", "TimeoutError", 3.0, aborted.format(r)) for r in (1, 2, 3)]
+    assert judge_faults("late_double", outcomes, FAULT_TIMEOUT_S, LAYER_CONTRACT) == []
 
 
 def test_fault_arguments_are_checked():

@@ -34,22 +34,71 @@ class ExpertOptions:
     activation_clamp: float | None = None
 
 
-def _tiling(which: str, num_entries: int, num_experts: int, width: int, max_programs: int | None = None,
-            rows_hint: int | None = None):
+def _tiling(which: str, num_entries: int, num_experts: int, width: int, rows_hint: int | None = None):
     """(config, column tiles, grid) of a grouped GEMM writing `width` output columns.
 
     The grid covers the most row tiles the entries can need when each expert's rows are tiled
     separately (known on the host without a sync); programs past the real tiles exit at once.
-    max_programs caps the grid (the kernels then loop over the tiles counted on the device);
     rows_hint, when given, picks the tile config instead of num_entries.
     """
     cfg = pick_config(which, num_entries if rows_hint is None else rows_hint, num_experts)
     col_tiles = triton.cdiv(width, cfg.block_n)
     row_tiles = triton.cdiv(num_entries, cfg.block_m) + min(num_experts, num_entries)
-    programs = row_tiles * col_tiles
-    if max_programs is not None:
-        programs = max(1, min(programs, max_programs))
-    return cfg, col_tiles, (programs,)
+    return cfg, col_tiles, (row_tiles * col_tiles,)
+
+
+# Persistent programs under the Triton interpreter (CPU tests): a few, so that each loops.
+INTERPRETER_PROGRAMS = 8
+_resident_cache: dict = {}
+
+
+def _resident_programs(kernel, args: tuple, kwargs: dict) -> int:
+    """How many programs of this compiled kernel the GPU holds at once (registers, shared
+    memory, threads per SM x SMs).
+
+    A persistent grid of exactly that size runs every program from the start, each looping
+    over the tiles: a larger grid queues programs behind the resident ones, which then run
+    their tiles in waves, and empty programs wait for free slots (measured at EP = 2 with 8
+    programs an SM: L1 1.6x slower at one token per rank, 1.2x at 8; docs/PERF.md).
+    """
+    if env.triton_interpret():
+        return INTERPRETER_PROGRAMS
+    device = args[0].device
+    key = (kernel.fn.__name__, device.index, tuple(sorted(kwargs.items())))
+    if key not in _resident_cache:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()   # loads the binary: n_regs is known from here on
+        props = torch.cuda.get_device_properties(device)
+        # Registers a block may use: 64K on every Hopper SM, which is also the SM's file.
+        regs_per_sm = triton.runtime.driver.active.utils.get_device_properties(device.index)["max_num_regs"]
+        per_sm = programs_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared,
+                                 regs_per_sm, props.shared_memory_per_multiprocessor,
+                                 props.max_threads_per_multi_processor)
+        _resident_cache[key] = per_sm * props.multi_processor_count
+    return _resident_cache[key]
+
+
+def programs_per_sm(regs_per_thread: int, num_warps: int, shared_bytes: int, regs_per_sm: int,
+                    shared_per_sm: int, threads_per_sm: int) -> int:
+    """Programs of a kernel one SM holds at once (at least 1): the tightest of its registers
+    (allocated per warp, 256 at a time), shared memory (+ 1 KB the system reserves per block),
+    threads, and Hopper's 32 blocks per SM."""
+    regs_per_warp = -(-regs_per_thread * 32 // 256) * 256
+    by_regs = regs_per_sm // (regs_per_warp * num_warps)
+    by_smem = shared_per_sm // (shared_bytes + 1024)
+    by_threads = threads_per_sm // (num_warps * 32)
+    return max(1, min(by_regs, by_smem, by_threads, MAX_BLOCKS_PER_SM))
+
+
+MAX_BLOCKS_PER_SM = 32
+
+
+def _launch(kernel, grid: tuple, persistent: bool, args: tuple, kwargs: dict) -> None:
+    """Launch `kernel`; a persistent one with at most as many programs as the GPU holds at once."""
+    kwargs = dict(kwargs, PERSISTENT=persistent)
+    if persistent:
+        grid = (min(grid[0], _resident_programs(kernel, args, kwargs)),)
+    kernel[grid](*args, **kwargs)
 
 
 def run_experts(buf, routing: torch.Tensor, num_entries: int, entries_per_row: int, a: torch.Tensor,
@@ -85,25 +134,27 @@ def _upcast() -> bool:
 
 
 def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1: ExpertWeights,
-              opts: ExpertOptions, *, gathered: bool = False, max_programs: int | None = None,
+              opts: ExpertOptions, *, gathered: bool = False, persistent: bool = False,
               rows_hint: int | None = None) -> None:
     """L1 + activation + requant of the planned rows into buf.inter / buf.inter_scales.
 
     gathered: `a`, `a_scales` and `route_weights` hold the rows in expert-sorted order (row i is
     sorted position i), as the symm backend's gather leaves them; otherwise entry
     sorted_rows[i] reads row entry // entries_per_row and weight route_weights[entry].
-    max_programs, rows_hint: see `_tiling`.
+    persistent: num_entries is only a bound (the symm backend's received rows are counted on
+    the device): the grid holds what fits on the GPU and each program loops over tiles.
+    rows_hint, when given, picks the tile config instead of num_entries.
     """
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
     # bf16xbf16 has no weight scales and a layer may have no bias: the kernel never reads
     # these placeholder pointers then.
     placeholder = l1.w
-    cfg, col_tiles, grid = _tiling("l1", num_entries, experts, inter, max_programs, rows_hint)
+    cfg, col_tiles, grid = _tiling("l1", num_entries, experts, inter, rows_hint)
     w_sf = l1.w_sf if quantized else placeholder
     a_scales = a_scales if quantized else placeholder
     wide = max(a_scales.numel(), buf.inter_scales.numel(), l1.w_sf.numel() if quantized else 0) >= 2**31
-    _l1_swiglu_kernel[grid](
+    args = (
         a, a_scales, a.stride(0), a_scales.stride(0),
         route_weights, buf.sorted_rows, buf.expert_offsets,
         l1.w, w_sf, l1.w.stride(0), l1.w.stride(1), w_sf.stride(0), w_sf.stride(1),
@@ -111,14 +162,16 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         buf.inter, buf.inter_scales, buf.inter_scales.stride(0),
         hidden, inter, experts, entries_per_row, col_tiles,
         float(opts.activation_clamp) if opts.activation_clamp is not None else 0.0,
+    )
+    kwargs = dict(
         QUANTIZED=quantized, HAS_CLAMP=opts.activation_clamp is not None,
         INTER_SF_FP32=buf.intermediate_sf == "fp32",
         HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", GATHERED=gathered,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(), WIDE_SCALES=wide, PERSISTENT=max_programs is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_register_cap(max_programs is not None and quantized, cfg),
+        UPCAST=_upcast(), WIDE_SCALES=wide, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_register_cap(persistent and quantized, cfg),
     )
+    _launch(_l1_swiglu_kernel, grid, persistent, args, kwargs)
 
 
 # The persistent FP8 x MXFP4 L1 (symm backend) at 16-row tiles compiles to about 240 registers a
@@ -135,7 +188,7 @@ def _register_cap(persistent: bool, cfg) -> dict:
 
 
 def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gathered: bool = False,
-              remote: tuple | None = None, max_programs: int | None = None, rows_hint: int | None = None) -> None:
+              remote: tuple | None = None, persistent: bool = False, rows_hint: int | None = None) -> None:
     """L2 (+ bias) of the planned rows from buf.inter into `out`, one BF16 row per entry.
 
     gathered: route_weights are in expert-sorted order (see launch_l1).
@@ -147,22 +200,24 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
     placeholder = l2.w
-    cfg, col_tiles, grid = _tiling("l2", num_entries, experts, hidden, max_programs, rows_hint)
+    cfg, col_tiles, grid = _tiling("l2", num_entries, experts, hidden, rows_hint)
     w_sf = l2.w_sf if quantized else placeholder
     peer_ptrs, out_offset, entries_per_rank = remote if remote is not None else (placeholder, 0, 1)
     if out is None:
         out = placeholder
     wide = max(buf.inter_scales.numel(), w_sf.numel()) >= 2**31
-    _l2_kernel[grid](
+    args = (
         buf.inter, buf.inter_scales, buf.inter_scales.stride(0), buf.sorted_rows, buf.expert_offsets, route_weights,
         l2.w, w_sf, l2.w.stride(0), l2.w.stride(1), w_sf.stride(0), w_sf.stride(1),
         l2.bias if l2.bias is not None else placeholder,
         out, hidden, inter, experts, col_tiles, peer_ptrs, out_offset, entries_per_rank,
+    )
+    kwargs = dict(
         QUANTIZED=quantized, HAS_BIAS=l2.bias is not None, GATHERED=gathered, REMOTE_OUT=remote is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(), WIDE_SCALES=wide, PERSISTENT=max_programs is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        UPCAST=_upcast(), WIDE_SCALES=wide, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    _launch(_l2_kernel, grid, persistent, args, kwargs)
 
 
 def _round_bf16(t: torch.Tensor) -> torch.Tensor:

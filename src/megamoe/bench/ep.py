@@ -21,9 +21,10 @@ inputs:
            all_to_all_single of BF16 rows to the experts' owners, the BF16 torch._grouped_mm
            pipeline of `megamoe bench` on the received rows, all_to_all_single back, weighted
            sum; on the same MXFP4 weights, dequantized to BF16 (exact).
-    ep1    baseline: the EP = 1 time of the same per-rank work: MegaMoEBuffer(E_l, C, K, H, I)
-           with no group, the same T tokens routed uniformly over the E_l local experts
-           (K distinct of them, so K <= E_l); CUDA-graph replays.
+    ep1    baseline: the EP = 1 time of the same per-rank work: MegaMoEBuffer(E_l, R*C*K, 1, H, I)
+           with no group, one token per row this rank receives (every rank's (token, slot)
+           routed to its experts): the same rows through the same experts as this rank's L1
+           and L2 in the symm call; CUDA-graph replays.
 
 Before timing, each path's y is checked (`CHECK_TOLERANCE`): on CUDA against the nccl path's
 y; on the CPU against megamoe.reference on the rank's tokens and all ranks' gathered weights.
@@ -101,8 +102,9 @@ torch: BF16 activations on the same (dequantized) weights, so it misses our two 
 roundings (FP8_REFERENCE_VS_DEQUANTIZED, 8e-2; measured about 4.7e-2) and adds its own BF16
 roundings (about 4e-3) and, against nccl, the kernels' 5e-3: 0.1."""
 CHECK_TOKENS = 16
-"""Tokens of the checked set that the float64 reference recomputes for the ep1 check (it loops
-over the experts in float64, so a whole 4096-token set would take long)."""
+"""Tokens of the checked set that the float64 reference recomputes for the ep1 check (K times as
+many rows there, one token each; it loops over the experts in float64, so a whole 4096-token
+set would take long)."""
 
 SPEEDUP_TARGETS = ((1, 128, 1.5), (4096, 4096, 1.1))
 """(min T, max T, nccl time / symm time at least): the issue's targets."""
@@ -378,8 +380,9 @@ class _InputSet:
     x: torch.Tensor              # [T, H] bfloat16
     topk_idx: torch.Tensor       # [T, K] int64 global expert ids
     topk_weights: torch.Tensor   # [T, K] float32
-    local_idx: torch.Tensor      # [T, K] int64 ids among the E_l local experts (the ep1 work)
-    local_weights: torch.Tensor  # [T, K] float32
+    local_x: torch.Tensor        # [N, H] the N rows this rank receives, one token each (the ep1 work)
+    local_idx: torch.Tensor      # [N, 1] int64 their experts among the E_l local ones
+    local_weights: torch.Tensor  # [N, 1] float32
     y: dict = field(default_factory=dict)   # path -> [T, H] bfloat16
 
 
@@ -454,13 +457,9 @@ def _build_rank(rank: int, cfg: EPBenchConfig, group, device, status: dict, note
             status[backend] = "unavailable" if device.type == "cpu" else "FAILED"
             notes.append(f"{backend}: MegaMoEBuffer(..., backend={backend!r}) raised {why or 'on another rank'}")
             buffers.pop(backend, None)
-    if "ep1" in cfg.paths:
-        if shape.num_topk > num_local:
-            status["ep1"] = "unavailable"
-            notes.append(f"ep1: needs num_topk ({shape.num_topk}) <= experts per rank ({num_local})")
-        else:
-            buffers["ep1"] = MegaMoEBuffer(num_local, capacity, shape.num_topk, shape.hidden, shape.intermediate,
-                                           device=device)
+    if "ep1" in cfg.paths:   # one token per received row (received_work)
+        buffers["ep1"] = MegaMoEBuffer(num_local, cfg.num_ranks * capacity * shape.num_topk, 1, shape.hidden,
+                                       shape.intermediate, device=device)
     return _Rank(cfg, rank, group, device, problem.l1, problem.l2, l1, l2, w1, w2, buffers, grouped)
 
 
@@ -471,10 +470,25 @@ def _make_sets(r: _Rank, tokens: int) -> list[_InputSet]:
     for _ in range(r.cfg.sets):
         x = torch.randn(tokens, shape.hidden, generator=g, device=r.device).bfloat16()
         idx, w = make_routing(tokens, shape.num_experts, shape.num_topk, "uniform", generator=g)
-        local_idx, local_w = (make_routing(tokens, r.num_local, shape.num_topk, "uniform", generator=g)
-                              if shape.num_topk <= r.num_local else (None, None))
-        sets.append(_InputSet(x, idx, w, local_idx, local_w))
+        sets.append(_InputSet(x, idx, w, *received_work(x, idx, w, r.group, r.rank, r.cfg.num_ranks, r.num_local)))
     return sets
+
+
+def received_work(x, topk_idx, topk_weights, group, rank: int, num_ranks: int, num_local: int):
+    """(x [N, H], ids [N, 1], weights [N, 1]) of the EP = 1 call that does this rank's share of
+    the EP call: one token per (token, slot) of any rank routed to this rank's experts.
+
+    Its L1 and L2 get the same rows of the same experts as this rank's do in the EP call, and
+    pick their tiles from the same row count. (At one token per rank the experts a rank
+    receives vary from call to call, and with them the GEMMs' waves of tiles: a statistically
+    similar EP = 1 input would not be the same work.)
+    """
+    all_x = _all_gather_cat(x, group, num_ranks)
+    all_idx = _all_gather_cat(topk_idx, group, num_ranks)
+    all_w = _all_gather_cat(topk_weights, group, num_ranks)
+    first = rank * num_local
+    token, slot = torch.nonzero((all_idx >= first) & (all_idx < first + num_local), as_tuple=True)
+    return all_x[token], (all_idx[token, slot] - first).unsqueeze(1), all_w[token, slot].unsqueeze(1)
 
 
 def _call(r: _Rank, path: str, s: _InputSet):
@@ -485,11 +499,11 @@ def _call(r: _Rank, path: str, s: _InputSet):
                                                   grouped=r.grouped)
         return run
     buf = r.buffers[path]
-    idx, w = (s.local_idx, s.local_weights) if path == "ep1" else (s.topk_idx, s.topk_weights)
-    y = s.y.setdefault(path, torch.empty_like(s.x))
+    x, idx, w = (s.local_x, s.local_idx, s.local_weights) if path == "ep1" else (s.x, s.topk_idx, s.topk_weights)
+    y = s.y.setdefault(path, torch.empty_like(x))
 
     def run():
-        pre_dispatch(s.x, idx, w, buf)
+        pre_dispatch(x, idx, w, buf)
         mega_moe(y, r.l1, r.l2, buf)
     return run
 
@@ -510,8 +524,11 @@ def _check_paths(r: _Rank, paths, s: _InputSet, global_weights) -> dict:
             continue
         _call(r, path, s)()
         if path == "ep1":
-            n = min(CHECK_TOKENS, s.x.shape[0])
-            ref = reference.mega_moe_reference(s.x[:n], s.local_idx[:n], s.local_weights[:n], r.l1_user, r.l2_user)
+            # One row per token here: as many rows as CHECK_TOKENS tokens of K slots, so that one
+            # rare rounding event (a UE8M0 scale one step up) weighs as much as in the layer checks.
+            n = min(CHECK_TOKENS * r.cfg.shape.num_topk, s.local_x.shape[0])
+            ref = reference.mega_moe_reference(s.local_x[:n], s.local_idx[:n], s.local_weights[:n], r.l1_user,
+                                               r.l2_user)
             errors[path] = relative_error(s.y[path][:n], ref)
         else:   # None: not checked (no nccl result to compare with)
             errors[path] = None if oracle is None else relative_error(s.y[path], oracle)

@@ -47,6 +47,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -72,8 +73,7 @@ ERR_ABORTED: tl.constexpr = tl.constexpr(2)   # the rank gave up on this call (i
 CLOCK_PERIOD_S = 0.001
 
 GATHER_PROGRAMS_PER_SM = 8
-GEMM_PROGRAMS_PER_SM = 8
-CPU_PROGRAMS = 8
+CPU_GATHER_PROGRAMS = 8
 
 
 def signal_words(num_ranks: int) -> int:
@@ -266,9 +266,9 @@ class SymmBackend:
         self.rank, self.num_ranks = buf.rank, buf.num_ranks
         if buf.device.type == "cuda":
             sms = torch.cuda.get_device_properties(buf.device).multi_processor_count
-            self.gather_programs, self.gemm_programs = sms * GATHER_PROGRAMS_PER_SM, sms * GEMM_PROGRAMS_PER_SM
+            self.gather_programs = sms * GATHER_PROGRAMS_PER_SM
         else:
-            self.gather_programs = self.gemm_programs = CPU_PROGRAMS
+            self.gather_programs = CPU_GATHER_PROGRAMS
         # Every rank has zeroed its signals and meta (MegaMoEBuffer.__init__) before any rank
         # may signal: the constructor's last step is this barrier.
         if buf.device.type == "cuda":
@@ -304,31 +304,45 @@ class SymmBackend:
 
     def forward(self, y: torch.Tensor, l1, l2, buf, opts: ExpertOptions, recv_stats) -> None:
         # mega_moe's checks (buf.check_alive) have already raised any earlier timeout.
+        for _, step in self.steps(y, l1, l2, buf, opts, recv_stats):
+            step()
+
+    def steps(self, y: torch.Tensor, l1, l2, buf, opts: ExpertOptions, recv_stats) -> list[tuple[str, Callable[[], None]]]:
+        """The call's kernels in order, as (stage name, launch) pairs (tools/ep_breakdown.py times
+        growing prefixes of them)."""
         quantized = buf.mode == "fp8xfp4"
         cap, k = buf.num_max_tokens_per_rank, buf.num_topk
         entries = self.num_ranks * cap * k
         max_rows = buf.max_recv_rows
-
-        self._barrier(buf, 0)
-        plan(buf.recv_topk, entries, buf, recv_stats,
-             peers=(self.peer_ptrs, self.offsets["topk_idx"], self.offsets["meta"]))
         row_bytes = buf.hidden * buf.x.element_size()
         groups = buf.hidden // 32 if quantized else 0
-        _gather_kernel[(min(max_rows, self.gather_programs),)](
-            self.peer_ptrs, self.offsets["x"], self.offsets["x_sf"], self.offsets["topk_weights"],
-            buf.sorted_rows, buf.expert_offsets, buf.num_local_experts,
-            buf.recv_x.view(torch.int64), buf.recv_scales, buf.recv_scales.stride(0), buf.recv_weights,
-            cap * k, k, row_bytes // 8, buf.x_sf.shape[1], groups,
-            QUANTIZED=quantized, BLOCK_W=min(1024, triton.next_power_of_2(row_bytes // 8)),
-            BLOCK_G=triton.next_power_of_2(max(groups, 1)), num_warps=4)
         # The tile config follows this rank's own token count: with balanced ranks and routing
         # it receives about as many rows as it sends.
         hint = y.shape[0] * k
-        launch_l1(buf, max_rows, 1, buf.recv_x, buf.recv_scales if quantized else None, buf.recv_weights, l1, opts,
-                  gathered=True, max_programs=self.gemm_programs, rows_hint=hint)
-        launch_l2(buf, max_rows, buf.recv_weights, None, l2, gathered=True,
-                  remote=(self.peer_ptrs, self.offsets["combine"], cap * k),
-                  max_programs=self.gemm_programs, rows_hint=hint)
-        self._barrier(buf, 1)
-        if y.shape[0]:
-            combine(buf.combine, buf.topk_idx, y, buf.num_experts)
+
+        def gather():
+            _gather_kernel[(min(max_rows, self.gather_programs),)](
+                self.peer_ptrs, self.offsets["x"], self.offsets["x_sf"], self.offsets["topk_weights"],
+                buf.sorted_rows, buf.expert_offsets, buf.num_local_experts,
+                buf.recv_x.view(torch.int64), buf.recv_scales, buf.recv_scales.stride(0), buf.recv_weights,
+                cap * k, k, row_bytes // 8, buf.x_sf.shape[1], groups,
+                QUANTIZED=quantized, BLOCK_W=min(1024, triton.next_power_of_2(row_bytes // 8)),
+                BLOCK_G=triton.next_power_of_2(max(groups, 1)), num_warps=4)
+
+        def combine_own():
+            if y.shape[0]:
+                combine(buf.combine, buf.topk_idx, y, buf.num_experts)
+
+        return [
+            ("dispatch barrier", lambda: self._barrier(buf, 0)),
+            ("plan", lambda: plan(buf.recv_topk, entries, buf, recv_stats,
+                                  peers=(self.peer_ptrs, self.offsets["topk_idx"], self.offsets["meta"]))),
+            ("gather", gather),
+            ("l1", lambda: launch_l1(buf, max_rows, 1, buf.recv_x, buf.recv_scales if quantized else None,
+                                     buf.recv_weights, l1, opts, gathered=True, persistent=True, rows_hint=hint)),
+            ("l2", lambda: launch_l2(buf, max_rows, buf.recv_weights, None, l2, gathered=True,
+                                     remote=(self.peer_ptrs, self.offsets["combine"], cap * k),
+                                     persistent=True, rows_hint=hint)),
+            ("combine barrier", lambda: self._barrier(buf, 1)),
+            ("combine", combine_own),
+        ]
