@@ -58,8 +58,9 @@ def _resident_programs(kernel, args: tuple, kwargs: dict) -> int:
 
     A persistent grid of exactly that size runs every program from the start, each looping
     over the tiles: a larger grid queues programs behind the resident ones, which then run
-    their tiles in waves, and empty programs wait for free slots (measured at EP = 2 with 8
-    programs an SM: L1 1.6x slower at one token per rank, 1.2x at 8; docs/PERF.md).
+    their tiles in later waves, and empty programs wait for free slots (8 programs an SM
+    instead: the symm L1 at 1 / 8 / 128 tokens per rank 11% / 7% / 5% slower, 2 x H200,
+    docs/PERF.md).
     """
     if env.triton_interpret():
         return INTERPRETER_PROGRAMS
@@ -78,6 +79,9 @@ def _resident_programs(kernel, args: tuple, kwargs: dict) -> int:
     return _resident_cache[key]
 
 
+MAX_BLOCKS_PER_SM = 32
+
+
 def programs_per_sm(regs_per_thread: int, num_warps: int, shared_bytes: int, regs_per_sm: int,
                     shared_per_sm: int, threads_per_sm: int) -> int:
     """Programs of a kernel one SM holds at once (at least 1): the tightest of its registers
@@ -88,9 +92,6 @@ def programs_per_sm(regs_per_thread: int, num_warps: int, shared_bytes: int, reg
     by_smem = shared_per_sm // (shared_bytes + 1024)
     by_threads = threads_per_sm // (num_warps * 32)
     return max(1, min(by_regs, by_smem, by_threads, MAX_BLOCKS_PER_SM))
-
-
-MAX_BLOCKS_PER_SM = 32
 
 
 def _launch(kernel, grid: tuple, persistent: bool, args: tuple, kwargs: dict) -> None:
@@ -177,7 +178,8 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
 # The persistent FP8 x MXFP4 L1 (symm backend) at 16-row tiles compiles to about 240 registers a
 # thread, 2 programs per SM, where the one-tile L1 of EP = 1 takes 132-158 and 3. Capped at 168
 # it still does not spill (tools/inspect_kernels.py --symm, sm_90a, 2026-11-28) and gets the
-# third program back. Its effect on time is not measured yet; at 32 rows the cap would spill.
+# third program back: L1 at 1 / 8 / 128 tokens per rank 60 / 253 / 784 us against 67 / 298 /
+# 895 without (2 x H200, docs/PERF.md). At 32 rows the cap would spill.
 PERSISTENT_L1_MAXNREG = 168
 
 

@@ -307,7 +307,8 @@ class SymmBackend:
         for _, step in self.steps(y, l1, l2, buf, opts, recv_stats):
             step()
 
-    def steps(self, y: torch.Tensor, l1, l2, buf, opts: ExpertOptions, recv_stats) -> list[tuple[str, Callable[[], None]]]:
+    def steps(self, y: torch.Tensor, l1, l2, buf, opts: ExpertOptions,
+              recv_stats) -> list[tuple[str, Callable[[], None]]]:
         """The call's kernels in order, as (stage name, launch) pairs (tools/ep_breakdown.py times
         growing prefixes of them)."""
         quantized = buf.mode == "fp8xfp4"
