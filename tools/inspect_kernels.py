@@ -63,6 +63,25 @@ GATHER_TYPES = dict(peer_ptrs_ptr="*i64", x_offset="i64", sf_offset="i64", weigh
                     recv_weights_ptr="*fp32")
 
 
+def innermost_mma_loop(sass: str) -> int | None:
+    """SASS instructions of the shortest backward-branch loop holding a GMMA (the K loop)."""
+    labels, body = {}, []
+    for line in sass.splitlines():
+        label = re.match(r"^\.L_x_(\d+):", line.strip())
+        if label:
+            labels[label.group(1)] = len(body)
+        elif re.match(r"\s+/\*[0-9a-f]+\*/", line):
+            body.append(line)
+    sizes = []
+    for i, line in enumerate(body):
+        target = re.search(r"BRA\s+`\(\.L_x_(\d+)\)", line)
+        if target and labels.get(target.group(1), i + 1) <= i:
+            start = labels[target.group(1)]
+            if any("GMMA" in b for b in body[start:i + 1]):
+                sizes.append(i + 1 - start)
+    return min(sizes) if sizes else None
+
+
 def variants():
     """The heuristic's configs for a v4-flash-like shape, decode and prefill; with --symm also
     the symm backend's variants (gathered rows, L2 writing to peers) and its own kernels."""
@@ -126,8 +145,10 @@ def main():
         res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
         ops = {op: len(re.findall(op, ptx)) for op in ("wgmma.mma_async", "cp.async.cg", "cp.async.ca", "ld.global",
                                                         "ld.shared", "st.shared")}
+        loop = innermost_mma_loop(sass) if sass else None
         print(f"{tag:<16} regs={res[1]:<4} stack={res[2]:<4} local={res[4]:<5} smem={k.metadata.shared:<7} "
-              + " ".join(f"{op}={n}" for op, n in ops.items()))
+              + " ".join(f"{op}={n}" for op, n in ops.items())
+              + (f" k-loop={loop} SASS" if loop else ""))
 
 
 if __name__ == "__main__":

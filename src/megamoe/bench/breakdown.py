@@ -80,7 +80,8 @@ def breakdown(shape_name: str, tokens_list, variants, n_sets: int = 4, log=print
     return results
 
 
-HEADER = f"{'shape':<14}{'tokens':>7} {'variant':<9}" + "".join(f"{s:>13}" for s in STAGES) + f"{'total':>10}{'err':>10}"
+HEADER = (f"{'shape':<14}{'tokens':>7} {'variant':<9}" + "".join(f"{s:>13}" for s in STAGES)
+          + f"{'total':>10}{'err':>10}")
 
 
 def format_row(r) -> str:

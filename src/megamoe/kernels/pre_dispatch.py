@@ -1,9 +1,10 @@
 """pre_dispatch: BF16 tokens -> the rank's MegaMoE buffer, in one Triton kernel.
 
 Fused: per-32 FP8 quantization with UE8M0 scales (bit-exact to `formats.quantize_fp8`), the
-packed scale words and the same scales as transposed float32 for the expert kernels, topk_idx as int32, topk_weights * routed_scaling_factor as fp32, and -1 in
-topk_idx for every row from num_tokens up to the buffer's capacity, so that peers and later
-calls never see stale routing. One read of x, one write of each output.
+packed scale words and the same scales as transposed float32 for the expert kernels,
+topk_idx as int32, topk_weights * routed_scaling_factor as fp32, and -1 in topk_idx for every
+row from num_tokens up to the buffer's capacity, so that peers and later calls never see stale
+routing. One read of x, one write of each output.
 """
 
 from __future__ import annotations
