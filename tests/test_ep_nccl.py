@@ -351,7 +351,7 @@ def test_layout():
     assert ep8["send_rows"].shape == (64 * 6, 2 * 4096)
     assert ep8["recv_rows"].shape == (8 * 64 * 6, record)
     assert ep8["recv_out"].shape == (8 * 64 * 6, 4096)
-    assert ep8["recv_scales"].shape == (4096 // 32, 8 * 64 * 6)
+    assert ep8["recv_scales"].shape == (8 * 64 * 6, 4096 // 32)
     assert ep8["count_matrix"].shape == (8, 8)
     assert all(r.offset % 256 == 0 for r in ep8.values())
     assert ep8["recv_rows"].shape[0] == ep8["sorted_rows"].shape[0]

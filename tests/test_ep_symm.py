@@ -156,7 +156,7 @@ def test_layout_symm():
     assert symm["signals"].shape == (2 * 4 + 1,)
     assert symm["recv_topk"].shape == (4 * 64 * 6,)
     assert symm["recv_x"].shape == (4 * 64 * 6, 4096)
-    assert symm["recv_scales"].shape == (128, 4 * 64 * 6)
+    assert symm["recv_scales"].shape == (4 * 64 * 6, 128)
     assert all(r.offset % 256 == 0 for r in symm.values())
     auto_one_node = [r.name for r in buffer_layout(*args, num_ranks=4, one_cuda_node=True)]
     assert auto_one_node == list(symm)

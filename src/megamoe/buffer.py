@@ -3,11 +3,10 @@
 Send side (this rank's own tokens; what peers read or write in expert parallelism):
     x             [C, H]          float8_e4m3fn (bfloat16 in bf16xbf16 mode)   C = max tokens per rank
     x_sf          [C, ceil(H/128)] int32, packed UE8M0 exponents (fp8 modes; [C, 0] otherwise)
-    x_scales      [G4(H), C]      float32 2^(e-127) of each x_sf exponent, transposed: the
-                                  kernels load one group's scales for a tile of rows as one
-                                  contiguous vector. G4(n) = ceil(n/128) * 4 rows: the GEMMs step
-                                  128 columns (4 groups) at a time and read whole steps; rows past
-                                  n/32 hold 1.0 (fp8 modes; [0, C] otherwise)
+    x_scales      [C, G4(H)]      float32 2^(e-127) of each x_sf exponent. G4(n) = ceil(n/128) * 4
+                                  columns: the GEMMs step 128 columns of K (4 groups) at a time and
+                                  load a row's 4 scales of a step as one 16-byte vector; columns
+                                  past n/32 hold 1.0 (fp8 modes; [C, 0] otherwise)
     topk_idx      [C, K]          int32, -1 = no expert (rows past num_tokens are all -1)
     topk_weights  [C, K]          float32, already multiplied by routed_scaling_factor
     combine       [C * K, H]      bfloat16: row t*K + k is slot k of token t after L2
@@ -22,8 +21,8 @@ Receive side (rows this rank's experts process), R = number of ranks, E_l = loca
     slot_rank     [R * C * K]     int32 position of each (rank, token, slot) within its expert
     sorted_rows   [N_recv]        int32 source (rank * C + token) * K + slot, in expert order
     inter         [N_recv, I]     float8_e4m3fn (bfloat16 in bf16xbf16 mode): SwiGLU output
-    inter_scales  [G4(I), N_recv] float32 scale of each group of 32 of an `inter` row, transposed
-                                  and padded like x_scales: 2^(e-127) for UE8M0 requant, or the
+    inter_scales  [N_recv, G4(I)] float32 scale of each group of 32 of an `inter` row, padded
+                                  like x_scales: 2^(e-127) for UE8M0 requant, or the
                                   FP32 scale (intermediate_sf="fp32")
 
 N_recv = R * C * min(K, E_l): the most rows this rank can receive when a token's K slots name
@@ -42,8 +41,8 @@ layout has none of it). D = `DispatchRecord.nbytes`, the bytes of one dispatched
     recv_rows     [N_recv, D]     uint8 dispatch records received, grouped by source rank
     recv_expert   [N_recv]        int32 global expert id of each received row
     recv_weights  [N_recv]        float32 routing weight of each received row
-    recv_scales   [H/32, N_recv]  float32 scales of the received rows, transposed like x_scales
-                                  (from the records' UE8M0 bytes; fp8 modes; [0, N_recv] otherwise)
+    recv_scales   [N_recv, G4(H)] float32 scales of the received rows, laid out like x_scales
+                                  (from the records' UE8M0 bytes; fp8 modes; [N_recv, 0] otherwise)
     recv_out      [N_recv, H]     bfloat16 expert output of each received row (L2), sent back
 
 Symm backend (buffers whose backend is "symm"; the whole buffer is one symmetric allocation,
@@ -53,7 +52,7 @@ so every region sits at the same offset on every rank, see comm/symm.py):
     recv_topk     [R * C * K]     int32 copy of every rank's topk_idx, read by the plan
     recv_x        [N_recv, H]     float8_e4m3fn (bfloat16 in bf16xbf16 mode) received rows,
                                   pulled from their source ranks, in expert-sorted order
-    recv_scales   [G4(H), N_recv] float32 their scales, transposed like x_scales
+    recv_scales   [N_recv, G4(H)] float32 their scales, laid out like x_scales
     recv_weights  [N_recv]        float32 their routing weights
 
 All regions start on a 256-byte boundary.
@@ -102,7 +101,7 @@ GEMM_STEP = 128
 
 
 def step_groups(k: int) -> int:
-    """Rows of a transposed scale array for K = k: the groups of 32 of whole 128-wide steps."""
+    """Groups of a scale table's row for K = k: the groups of 32 of whole 128-wide steps."""
     return -(-k // GEMM_STEP) * (GEMM_STEP // SCALE_GROUP)
 
 
@@ -190,7 +189,7 @@ def buffer_layout(num_experts: int, max_tokens_per_rank: int, num_topk: int, hid
         ("meta", (META_WORDS,), torch.int32),
         ("x", (cap, hidden), act),
         ("x_sf", (cap, num_sf_words(hidden) if quantized else 0), torch.int32),
-        ("x_scales", (groups_h, cap), torch.float32),
+        ("x_scales", (cap, groups_h), torch.float32),
         ("topk_idx", (cap, k), torch.int32),
         ("topk_weights", (cap, k), torch.float32),
         ("combine", (cap * k, hidden), torch.bfloat16),
@@ -199,7 +198,7 @@ def buffer_layout(num_experts: int, max_tokens_per_rank: int, num_topk: int, hid
         ("slot_rank", (num_ranks * cap * k,), torch.int32),
         ("sorted_rows", (recv_rows,), torch.int32),
         ("inter", (recv_rows, intermediate), act),
-        ("inter_scales", (groups_i, recv_rows), torch.float32),
+        ("inter_scales", (recv_rows, groups_i), torch.float32),
     ]
     if resolved == "nccl":
         record = dispatch_record(hidden, mode).nbytes
@@ -212,7 +211,7 @@ def buffer_layout(num_experts: int, max_tokens_per_rank: int, num_topk: int, hid
             ("recv_rows", (recv_rows, record), torch.uint8),
             ("recv_expert", (recv_rows,), torch.int32),
             ("recv_weights", (recv_rows,), torch.float32),
-            ("recv_scales", (groups_h, recv_rows), torch.float32),
+            ("recv_scales", (recv_rows, groups_h), torch.float32),
             ("recv_out", (recv_rows, hidden), torch.bfloat16),
         ]
     elif resolved == "symm":
@@ -222,7 +221,7 @@ def buffer_layout(num_experts: int, max_tokens_per_rank: int, num_topk: int, hid
             ("signals", (signal_words(num_ranks),), torch.int64),
             ("recv_topk", (num_ranks * cap * k,), torch.int32),
             ("recv_x", (recv_rows, hidden), act),
-            ("recv_scales", (groups_h, recv_rows), torch.float32),
+            ("recv_scales", (recv_rows, groups_h), torch.float32),
             ("recv_weights", (recv_rows,), torch.float32),
         ]
     regions, offset = [], 0

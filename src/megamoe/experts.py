@@ -109,8 +109,8 @@ def run_experts(buf, routing: torch.Tensor, num_entries: int, entries_per_row: i
 
     routing:       int32 [>= num_entries] global expert ids; ids of other ranks are skipped.
     a:             [rows, H] float8_e4m3fn (bfloat16 in bf16xbf16 mode) activation rows.
-    a_scales:      float32 [H/32, >= rows] scale of each group of 32 of each row, transposed
-                   (like buf.x_scales; `transpose_scales` makes it from UE8M0 bytes); fp8 modes.
+    a_scales:      float32 [>= rows, G4(H)] scale of each group of 32 of each row (like
+                   buf.x_scales; `expand_scales` makes it from UE8M0 bytes); fp8 modes.
     route_weights: float32 [>= num_entries] routing weight of each entry.
     out:           bfloat16 [>= num_entries, H]; rows of skipped entries are not written.
     """
@@ -119,12 +119,12 @@ def run_experts(buf, routing: torch.Tensor, num_entries: int, entries_per_row: i
     launch_l2(buf, num_entries, route_weights, out, l2)
 
 
-def transpose_scales(sf_bytes: torch.Tensor, rows: int, groups: int, out: torch.Tensor) -> torch.Tensor:
-    """UE8M0 exponent bytes [>= rows, >= groups] -> out[:groups, :rows] = 2^(e-127), float32.
+def expand_scales(sf_bytes: torch.Tensor, rows: int, groups: int, out: torch.Tensor) -> torch.Tensor:
+    """UE8M0 exponent bytes [>= rows, >= groups] -> out[:rows, :groups] = 2^(e-127), float32.
 
     For backends that receive rows with their packed scales; returns `out`. No host sync.
     """
-    out[:groups, :rows] = ue8m0_to_float(sf_bytes[:rows, :groups]).T
+    out[:rows, :groups] = ue8m0_to_float(sf_bytes[:rows, :groups])
     return out
 
 
@@ -175,11 +175,12 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
     _launch(_l1_swiglu_kernel, grid, persistent, args, kwargs)
 
 
-# The persistent FP8 x MXFP4 L1 (symm backend) at 16-row tiles compiles to about 240 registers a
-# thread, 2 programs per SM, where the one-tile L1 of EP = 1 takes 132-158 and 3. Capped at 168
-# it still does not spill (tools/inspect_kernels.py --symm, sm_90a, 2026-11-28) and gets the
-# third program back: L1 at 1 / 8 / 128 tokens per rank 60 / 253 / 784 us against 67 / 298 /
-# 895 without (2 x H200, docs/PERF.md). At 32 rows the cap would spill.
+# The persistent FP8 x MXFP4 L1 (symm backend) at 16-row tiles compiles to about 230 registers a
+# thread, 2 programs per SM, where the one-tile L1 of EP = 1 takes 134 and 3. Capped at 168 it
+# keeps its K loop free of spills (two spill stores per tile outside it; tools/inspect_kernels.py
+# --symm, sm_90a, 2026-11-28) and gets the third program back: L1 at 1 / 8 / 128 tokens per
+# rank 60 / 253 / 784 us against 67 / 298 / 895 without (2 x H200, before the row-major scale
+# tables of v7, docs/PERF.md). At 32 rows the cap would spill.
 PERSISTENT_L1_MAXNREG = 168
 
 
@@ -235,7 +236,7 @@ def run_experts_torch(buf, routing, num_entries, entries_per_row, a, a_scales, r
     rows = num_entries // entries_per_row
     if buf.mode == "fp8xfp4":
         groups = buf.hidden // 32
-        scale = a_scales[:groups, :rows].T.repeat_interleave(32, dim=1)
+        scale = a_scales[:rows, :groups].repeat_interleave(32, dim=1)
         x = a[:rows].float() * scale
     else:
         x = a[:rows].float()

@@ -10,11 +10,10 @@ Kernel layout (`ExpertWeights`), fp8xfp4:
                                 chunk c holds element 64c + j in its low nibble and element
                                 64c + 32 + j in its high nibble, so the two nibbles of a tile
                                 of bytes decode to two whole scale groups with no shuffling.
-    w_sf bf16 [E_l, G4, N]      each group's scale 2^(e-127) (exact in BF16), transposed so that
-                                one group's scales for a tile of N rows are one contiguous
-                                vector. G4 = ceil(K/128) * 4: the kernels read whole 128-wide
-                                steps; padding groups hold 1. Costs 1 byte per 32 weights over
-                                the 17 of MXFP4.
+    w_sf bf16 [E_l, N, G4]      each group's scale 2^(e-127) (exact in BF16); a row's 4 scales
+                                of a 128-wide step of K are one 8-byte vector. G4 = ceil(K/128)
+                                * 4: the kernels read whole steps; padding groups hold 1. Costs
+                                1 byte per 32 weights over the 17 of MXFP4.
 bf16xbf16: w is the user tensor (contiguous), w_sf is None.
 """
 
@@ -61,7 +60,7 @@ class ExpertWeights:
         chunks = packed.view(n, half_kp // (CHUNK // 2), 1, CHUNK // 2)
         codes = torch.cat([chunks & 0xF, chunks >> 4], dim=2).reshape(n, 2 * half_kp)
         values = e2m1_lut(packed.device)[codes.long()].view(n, -1, SCALE_GROUP)
-        scales = self.w_sf[expert][: values.shape[1]].transpose(0, 1).float().unsqueeze(-1)
+        scales = self.w_sf[expert][:, : values.shape[1]].float().unsqueeze(-1)
         return (values * scales).reshape(n, -1)[:, : self.k]
 
 
@@ -74,8 +73,8 @@ def _pack_chunks(w_q: torch.Tensor, w_sf: torch.Tensor) -> tuple[torch.Tensor, t
     codes[..., 1:k:2] = w_q >> 4
     chunks = codes.view(e, n, kp // CHUNK, 2, CHUNK // 2)
     packed = (chunks[..., 0, :] | (chunks[..., 1, :] << 4)).reshape(e, n, kp // 2)
-    scales = torch.ones((e, step_groups(k), n), dtype=torch.bfloat16, device=w_sf.device)
-    scales[:, : k // SCALE_GROUP, :] = ue8m0_to_float(w_sf.transpose(1, 2)).bfloat16()
+    scales = torch.ones((e, n, step_groups(k)), dtype=torch.bfloat16, device=w_sf.device)
+    scales[:, :, : k // SCALE_GROUP] = ue8m0_to_float(w_sf).bfloat16()
     return packed.contiguous(), scales
 
 

@@ -11,8 +11,8 @@ R ranks, E_l = E / R local experts and T tokens of K slots on this rank:
 2. counts: all_gather of send_counts [R] into count_matrix [R, R], then the host reads it: the
    one host synchronisation of a call (all_to_all_single takes its split sizes as host ints).
 3. dispatch: all_to_all_single of the records into buf.recv_rows, grouped by source rank.
-4. experts: the received scale bytes are transposed into buf.recv_scales (the layout the
-   expert kernels read), then `run_experts` over the received rows, one entry per row, into
+4. experts: the received scale bytes are expanded to float32 in buf.recv_scales (the layout
+   the expert kernels read), then `run_experts` over the received rows, one entry per row, into
    buf.recv_out.
 5. return: all_to_all_single of the recv_out rows with the splits reversed, into
    buf.send_rows (the records are no longer needed), in send order.
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..buffer import META_BAD_EXPERT_IDS, dispatch_record
-from ..experts import ExpertOptions, run_experts, run_experts_torch, transpose_scales
+from ..experts import ExpertOptions, expand_scales, run_experts, run_experts_torch
 from ..formats import SCALE_GROUP
 from ..kernels.combine import combine
 from ..kernels.launch import use_triton
@@ -107,8 +107,8 @@ class NcclBackend:
             a = recv[:, : rec.sf_offset].view(buf.x.dtype)
             a_scales = None
             if quantized:
-                a_scales = transpose_scales(recv[:, rec.sf_offset: rec.expert_offset], n_recv,
-                                            buf.hidden // SCALE_GROUP, buf.recv_scales)
+                a_scales = expand_scales(recv[:, rec.sf_offset: rec.expert_offset], n_recv,
+                                         buf.hidden // SCALE_GROUP, buf.recv_scales)
             run = run_experts if use_triton(buf.device) else run_experts_torch
             run(buf, buf.recv_expert, n_recv, 1, a, a_scales, buf.recv_weights, buf.recv_out, l1, l2, opts,
                 recv_stats)

@@ -17,7 +17,7 @@ One call, rank r of R, every step a kernel on r's stream, no host synchronisatio
 2. plan over peers: the R * C * K entries (rank, token, slot) of all ranks' topk_idx, read
    through peer_ptrs into recv_topk; counts, offsets and expert-sorted rows as at EP = 1, with
    entry = (rank * C + token) * K + slot.
-3. gather: each received row's FP8 bytes, its UE8M0 scales (decoded to recv_scales, transposed
+3. gather: each received row's FP8 bytes, its UE8M0 scales (decoded to recv_scales, laid out
    as the GEMMs read them) and its routing weight are pulled from the source rank into
    recv_x / recv_weights at the row's expert-sorted position.
 4. L1 on the gathered rows; L2 writes each row into the source rank's `combine` region at
@@ -163,7 +163,7 @@ def _barrier_kernel(peer_ptrs_ptr, signals_offset, signals_ptr, meta_ptr, error_
 
 @triton.jit
 def _gather_kernel(peer_ptrs_ptr, x_offset, sf_offset, weights_offset, sorted_rows_ptr, expert_offsets_ptr,
-                   num_local_experts, recv_x_ptr, recv_scales_ptr, stride_rs_g, recv_weights_ptr,
+                   num_local_experts, recv_x_ptr, recv_scales_ptr, stride_rs_m, recv_weights_ptr,
                    entries_per_rank, num_topk, row_words, sf_words, groups,
                    QUANTIZED: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_G: tl.constexpr):
     total = tl.load(expert_offsets_ptr + num_local_experts)
@@ -184,13 +184,13 @@ def _gather_kernel(peer_ptrs_ptr, x_offset, sf_offset, weights_offset, sorted_ro
             words = start + w
             tl.store(dst_row + words, tl.load(src_row + words, mask=words < row_words), mask=words < row_words)
         if QUANTIZED:
-            # Packed UE8M0 bytes (byte g of the row = group g) -> 2^(e - 127), one column of the
-            # transposed scale table.
+            # Packed UE8M0 bytes (byte g of the row = group g) -> 2^(e - 127), the row of the
+            # scale table.
             sf_row = (base + sf_offset).to(tl.pointer_type(tl.int32)) + token * sf_words
             packed = tl.load(sf_row + g // 4, mask=g < groups, other=0)
             exponent = (packed >> ((g % 4) * 8)) & 0xFF
             scale = (exponent << 23).to(tl.float32, bitcast=True)
-            tl.store(recv_scales_ptr + g.to(tl.int64) * stride_rs_g + row, scale, mask=g < groups)
+            tl.store(recv_scales_ptr + tl.cast(row, tl.int64) * stride_rs_m + g, scale, mask=g < groups)
         weight = tl.load((base + weights_offset).to(tl.pointer_type(tl.float32)) + local)
         tl.store(recv_weights_ptr + row, weight)
 

@@ -45,24 +45,30 @@ def decode_e2m1_pair_packed(packed):
 
 
 @triton.jit
-def _group_scales(w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, g, WIDE: tl.constexpr):
+def _group_scales(w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, g, WIDE: tl.constexpr):
     """Weight scales [BLOCK_W] and activation scales [BLOCK_M] of groups g .. g+3, as fp32.
 
-    Unmasked: both scale arrays have a multiple of 4 groups (padding holds 1.0), the rows are
-    valid indices and callers never ask for groups past the last step (see `mxfp4_rows_dot`):
-    the arrays end right after it, the last one of an allocation included. WIDE: 64-bit
-    group offsets, for scale tables of 2^31 entries or more (they cost registers otherwise).
+    Both tables hold each row's groups contiguously (row stride stride_ws_n / stride_as_m), so
+    a row's four scales of a step are one vector load: 8 bytes of bf16, 16 of fp32. (One load
+    per group and row instead, from tables transposed to [groups, rows], took 24 scalar loads
+    and their 64-bit address arithmetic per step: 363 SASS instructions a step against 262,
+    tools/inspect_kernels.py.) Unmasked: both tables have a multiple of 4 groups (padding
+    holds 1.0), the rows are valid indices and callers never ask for groups past the last step
+    (see `mxfp4_rows_dot`): the tables end right after it, the last one of an allocation
+    included. WIDE: 64-bit row offsets, for scale tables of 2^31 entries or more.
     """
+    q = g + tl.arange(0, 4)
     if WIDE:
-        g = tl.full((), 0, tl.int64) + g
-    sw0 = tl.load(w_scale_ptr + g * stride_ws_g + w_rows).to(tl.float32)
-    sw1 = tl.load(w_scale_ptr + (g + 1) * stride_ws_g + w_rows).to(tl.float32)
-    sw2 = tl.load(w_scale_ptr + (g + 2) * stride_ws_g + w_rows).to(tl.float32)
-    sw3 = tl.load(w_scale_ptr + (g + 3) * stride_ws_g + w_rows).to(tl.float32)
-    sa0 = tl.load(a_scale_ptr + g * stride_as_g + a_rows)
-    sa1 = tl.load(a_scale_ptr + (g + 1) * stride_as_g + a_rows)
-    sa2 = tl.load(a_scale_ptr + (g + 2) * stride_as_g + a_rows)
-    sa3 = tl.load(a_scale_ptr + (g + 3) * stride_as_g + a_rows)
+        w_rows = w_rows.to(tl.int64)
+    sw = tl.load(w_scale_ptr + w_rows[:, None] * stride_ws_n + q[None, :]).to(tl.float32)
+    sa = tl.load(a_scale_ptr + a_rows[:, None] * stride_as_m + q[None, :])
+    # [rows, 4] -> four [rows] vectors: groups (0, 2) and (1, 3) by the first split.
+    sw02, sw13 = tl.split(tl.reshape(sw, (w_rows.shape[0], 2, 2)))
+    sw0, sw2 = tl.split(sw02)
+    sw1, sw3 = tl.split(sw13)
+    sa02, sa13 = tl.split(tl.reshape(sa, (a_rows.shape[0], 2, 2)))
+    sa0, sa2 = tl.split(sa02)
+    sa1, sa3 = tl.split(sa13)
     return sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3
 
 
@@ -117,18 +123,18 @@ def _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, s
 
 
 @triton.jit
-def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_n, stride_ws_g,
-                   a_ptr, a_rows, stride_a_m, a_scale_ptr, stride_as_g, k_size,
+def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_n, stride_ws_n,
+                   a_ptr, a_rows, stride_a_m, a_scale_ptr, stride_as_m, k_size,
                    PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr, WIDE_SCALES: tl.constexpr):
     """W[w_rows, :k_size] @ A[a_rows, :k_size].T as fp32 [BLOCK_W, BLOCK_M]; MXFP4 W, FP8 A.
 
     w_ptr:       uint8, packed chunks of the expert (weights.py layout); w_rows [BLOCK_W] int,
                  valid row indices (callers clamp the rows past the edge of a tile: their
                  results are computed and never stored, which is cheaper than masking every load).
-    w_scale_ptr: bfloat16 [G4, N] group scales of the expert (stride_ws_g between groups).
+    w_scale_ptr: bfloat16 [N, G4] group scales of the expert (stride_ws_n between rows).
     a_ptr:       float8e4nv rows; a_rows [BLOCK_M] int64, valid row indices as for w_rows.
-    a_scale_ptr: float32 [G4, *] group scales of the rows, transposed (stride_as_g between
-                 groups). G4 = ceil(k_size / 128) * 4: both scale arrays are padded to whole steps.
+    a_scale_ptr: float32 [*, G4] group scales of the rows (stride_as_m between rows).
+                 G4 = ceil(k_size / 128) * 4: both scale arrays are padded to whole steps.
     PTX_DECODE:  decode four bytes per instruction with inline PTX (not in the interpreter).
     WIDE_SCALES: 64-bit offsets into the scale tables (see `_group_scales`).
     ISSUE_AHEAD: narrow row tiles (decode): the step's four MMAs go out back to back (see
@@ -151,10 +157,10 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_n, stride_ws_g,
     last_group = 4 * (tl.cdiv(k_size, 128) - 1)
     if ISSUE_AHEAD:
         sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
-            w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 0, WIDE_SCALES)
+            w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, 0, WIDE_SCALES)
         for step in range(0, full_steps):
             nw0, nw1, nw2, nw3, na0, na1, na2, na3 = _group_scales(
-                w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g,
+                w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m,
                 tl.minimum(4 * step + 4, last_group), WIDE_SCALES)
             acc = _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
                             False, PTX_DECODE, ISSUE_AHEAD)
@@ -164,11 +170,11 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_n, stride_ws_g,
         # scales of two steps would not fit in registers; load each step's own.
         for step in range(0, full_steps):
             sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
-                w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, 4 * step, WIDE_SCALES)
+                w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, 4 * step, WIDE_SCALES)
             acc = _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
                             False, PTX_DECODE, ISSUE_AHEAD)
         sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
-            w_scale_ptr, w_rows, stride_ws_g, a_scale_ptr, a_rows, stride_as_g, last_group, WIDE_SCALES)
+            w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, last_group, WIDE_SCALES)
     if k_size % 128 != 0:
         acc = _step_dot(acc, w_base, a_base, full_steps, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
                         True, PTX_DECODE, ISSUE_AHEAD)

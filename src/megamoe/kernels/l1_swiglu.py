@@ -25,10 +25,10 @@ from .expert_mma import bf16_rows_dot, mxfp4_rows_dot
 @triton.jit
 def _l1_tile(
     tile,
-    a_ptr, a_scale_ptr, stride_a_m, stride_as_g,      # activations [*, H], scales [H/32, *]
+    a_ptr, a_scale_ptr, stride_a_m, stride_as_m,      # activations [*, H], scales [*, G4(H)]
     topk_weights_ptr, sorted_rows_ptr, expert_offsets_ptr,
-    w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_g, bias_ptr,
-    inter_ptr, inter_scale_ptr, stride_is_g,
+    w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, bias_ptr,
+    inter_ptr, inter_scale_ptr, stride_is_m,
     hidden, inter, num_local_experts, num_topk, num_cols_tiles,
     clamp,
     QUANTIZED: tl.constexpr, HAS_CLAMP: tl.constexpr, INTER_SF_FP32: tl.constexpr,
@@ -60,8 +60,8 @@ def _l1_tile(
     expert64 = expert.to(tl.int64)
     if QUANTIZED:
         acc = mxfp4_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e,
-                             tl.where(w_mask, w_rows, 0), stride_w_n, stride_ws_g, a_ptr,
-                             tl.where(row_mask, a_rows, 0), stride_a_m, a_scale_ptr, stride_as_g, hidden,
+                             tl.where(w_mask, w_rows, 0), stride_w_n, stride_ws_n, a_ptr,
+                             tl.where(row_mask, a_rows, 0), stride_a_m, a_scale_ptr, stride_as_m, hidden,
                              PTX_DECODE=not UPCAST, ISSUE_AHEAD=BLOCK_M <= 32,
                              WIDE_SCALES=WIDE_SCALES)
     else:
@@ -89,7 +89,7 @@ def _l1_tile(
     if QUANTIZED:
         groups = tile_n * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32)
         sf_mask = (groups < inter // 32)[:, None] & row_mask[None, :]
-        sf_ptrs = inter_scale_ptr + groups.to(tl.int64)[:, None] * stride_is_g + rows[None, :]
+        sf_ptrs = inter_scale_ptr + rows.to(tl.int64)[None, :] * stride_is_m + groups[:, None]
         grouped = tl.reshape(act, (BLOCK_N // 32, 32, BLOCK_M))
         if INTER_SF_FP32:
             q, scale = quantize_groups_fp32(grouped)
@@ -104,10 +104,10 @@ def _l1_tile(
 
 @triton.jit
 def _l1_swiglu_kernel(
-    a_ptr, a_scale_ptr, stride_a_m, stride_as_g,      # activations [*, H], scales [H/32, *]
+    a_ptr, a_scale_ptr, stride_a_m, stride_as_m,      # activations [*, H], scales [*, G4(H)]
     topk_weights_ptr, sorted_rows_ptr, expert_offsets_ptr,
-    w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_g, bias_ptr,
-    inter_ptr, inter_scale_ptr, stride_is_g,
+    w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, bias_ptr,
+    inter_ptr, inter_scale_ptr, stride_is_m,
     hidden, inter, num_local_experts, num_topk, num_cols_tiles,
     clamp,
     QUANTIZED: tl.constexpr, HAS_CLAMP: tl.constexpr, INTER_SF_FP32: tl.constexpr,
@@ -122,14 +122,14 @@ def _l1_swiglu_kernel(
     num_tiles = count_expert_tiles(expert_offsets_ptr, num_local_experts, BLOCK_M, BLOCK_E) * num_cols_tiles
     if PERSISTENT:
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _l1_tile(tile, a_ptr, a_scale_ptr, stride_a_m, stride_as_g, topk_weights_ptr, sorted_rows_ptr,
-                     expert_offsets_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_g,
-                     bias_ptr, inter_ptr, inter_scale_ptr, stride_is_g, hidden, inter, num_local_experts, num_topk,
+            _l1_tile(tile, a_ptr, a_scale_ptr, stride_a_m, stride_as_m, topk_weights_ptr, sorted_rows_ptr,
+                     expert_offsets_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n,
+                     bias_ptr, inter_ptr, inter_scale_ptr, stride_is_m, hidden, inter, num_local_experts, num_topk,
                      num_cols_tiles, clamp, QUANTIZED, HAS_CLAMP, INTER_SF_FP32, HAS_BIAS, GPT_OSS, GATHERED,
                      BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K, UPCAST, WIDE_SCALES)
     elif tl.program_id(0) < num_tiles:
-        _l1_tile(tl.program_id(0), a_ptr, a_scale_ptr, stride_a_m, stride_as_g, topk_weights_ptr, sorted_rows_ptr,
-                 expert_offsets_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_g, bias_ptr,
-                 inter_ptr, inter_scale_ptr, stride_is_g, hidden, inter, num_local_experts, num_topk,
+        _l1_tile(tl.program_id(0), a_ptr, a_scale_ptr, stride_a_m, stride_as_m, topk_weights_ptr, sorted_rows_ptr,
+                 expert_offsets_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, bias_ptr,
+                 inter_ptr, inter_scale_ptr, stride_is_m, hidden, inter, num_local_experts, num_topk,
                  num_cols_tiles, clamp, QUANTIZED, HAS_CLAMP, INTER_SF_FP32, HAS_BIAS, GPT_OSS, GATHERED, BLOCK_M,
                  BLOCK_N, BLOCK_E, BLOCK_K, UPCAST, WIDE_SCALES)

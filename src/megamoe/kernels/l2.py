@@ -19,8 +19,8 @@ from .expert_mma import bf16_rows_dot, mxfp4_rows_dot
 @triton.jit
 def _l2_tile(
     tile,
-    inter_ptr, inter_scale_ptr, stride_is_g, sorted_rows_ptr, expert_offsets_ptr, topk_weights_ptr,
-    w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_g, bias_ptr,
+    inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_offsets_ptr, topk_weights_ptr,
+    w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, bias_ptr,
     out_ptr, hidden, inter, num_local_experts, num_cols_tiles,
     peer_ptrs_ptr, out_offset, entries_per_rank,
     QUANTIZED: tl.constexpr, HAS_BIAS: tl.constexpr, GATHERED: tl.constexpr, REMOTE_OUT: tl.constexpr,
@@ -39,8 +39,8 @@ def _l2_tile(
     expert64 = expert.to(tl.int64)
     if QUANTIZED:
         acc = mxfp4_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e,
-                             tl.where(col_mask, cols, 0), stride_w_n, stride_ws_g, inter_ptr,
-                             tl.where(row_mask, a_rows, 0), inter, inter_scale_ptr, stride_is_g, inter,
+                             tl.where(col_mask, cols, 0), stride_w_n, stride_ws_n, inter_ptr,
+                             tl.where(row_mask, a_rows, 0), inter, inter_scale_ptr, stride_is_m, inter,
                              PTX_DECODE=not UPCAST, ISSUE_AHEAD=BLOCK_M <= 32,
                              WIDE_SCALES=WIDE_SCALES)
     else:
@@ -66,8 +66,8 @@ def _l2_tile(
 
 @triton.jit
 def _l2_kernel(
-    inter_ptr, inter_scale_ptr, stride_is_g, sorted_rows_ptr, expert_offsets_ptr, topk_weights_ptr,
-    w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_g, bias_ptr,
+    inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_offsets_ptr, topk_weights_ptr,
+    w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, bias_ptr,
     out_ptr, hidden, inter, num_local_experts, num_cols_tiles,
     peer_ptrs_ptr, out_offset, entries_per_rank,
     QUANTIZED: tl.constexpr, HAS_BIAS: tl.constexpr, GATHERED: tl.constexpr, REMOTE_OUT: tl.constexpr,
@@ -78,14 +78,14 @@ def _l2_kernel(
     num_tiles = count_expert_tiles(expert_offsets_ptr, num_local_experts, BLOCK_M, BLOCK_E) * num_cols_tiles
     if PERSISTENT:
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _l2_tile(tile, inter_ptr, inter_scale_ptr, stride_is_g, sorted_rows_ptr, expert_offsets_ptr,
-                     topk_weights_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_g,
+            _l2_tile(tile, inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_offsets_ptr,
+                     topk_weights_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n,
                      bias_ptr, out_ptr, hidden, inter, num_local_experts, num_cols_tiles, peer_ptrs_ptr, out_offset,
                      entries_per_rank, QUANTIZED, HAS_BIAS, GATHERED, REMOTE_OUT, BLOCK_M, BLOCK_N, BLOCK_E,
                      BLOCK_K, UPCAST, WIDE_SCALES)
     elif tl.program_id(0) < num_tiles:
-        _l2_tile(tl.program_id(0), inter_ptr, inter_scale_ptr, stride_is_g, sorted_rows_ptr, expert_offsets_ptr,
-                 topk_weights_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_g, bias_ptr,
+        _l2_tile(tl.program_id(0), inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_offsets_ptr,
+                 topk_weights_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, bias_ptr,
                  out_ptr, hidden, inter, num_local_experts, num_cols_tiles, peer_ptrs_ptr, out_offset,
                  entries_per_rank, QUANTIZED, HAS_BIAS, GATHERED, REMOTE_OUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K,
                  UPCAST, WIDE_SCALES)

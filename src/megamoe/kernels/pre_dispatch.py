@@ -1,7 +1,7 @@
 """pre_dispatch: BF16 tokens -> the rank's MegaMoE buffer, in one Triton kernel.
 
 Fused: per-32 FP8 quantization with UE8M0 scales (bit-exact to `formats.quantize_fp8`), the
-packed scale words and the same scales as transposed float32 for the expert kernels,
+packed scale words and the same scales as float32 for the expert kernels,
 topk_idx as int32, topk_weights * routed_scaling_factor as fp32, and -1 in topk_idx for every
 row from num_tokens up to the buffer's capacity, so that peers and later calls never see stale
 routing. One read of x, one write of each output.
@@ -28,7 +28,8 @@ def _pre_dispatch_kernel(
     num_tokens, capacity, hidden, stride_x_t,
     scaling,
     NUM_TOPK: tl.constexpr, BLOCK_K: tl.constexpr, QUANTIZE: tl.constexpr,
-    SF_BYTES: tl.constexpr, BLOCK_H: tl.constexpr, FILL: tl.constexpr, META_TOKENS: tl.constexpr,
+    SF_BYTES: tl.constexpr, SCALES_STRIDE: tl.constexpr, BLOCK_H: tl.constexpr, FILL: tl.constexpr,
+    META_TOKENS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = pid.to(tl.int64)
@@ -45,7 +46,7 @@ def _pre_dispatch_kernel(
                 groups = h0 // 32 + tl.arange(0, BLOCK_H // 32)
                 exponent = tl.reshape(exponent, (BLOCK_H // 32,))
                 tl.store(buf_sf_ptr + row * SF_BYTES + groups, exponent.to(tl.uint8), mask=groups < hidden // 32)
-                tl.store(buf_scales_ptr + groups.to(tl.int64) * capacity + row, ue8m0_to_fp32(exponent),
+                tl.store(buf_scales_ptr + row.to(tl.int64) * SCALES_STRIDE + groups, ue8m0_to_fp32(exponent),
                          mask=groups < hidden // 32)
             else:
                 tl.store(buf_x_ptr + row * hidden + offs, x, mask=mask)
@@ -123,7 +124,8 @@ def pre_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Te
             tokens, capacity, hidden, x.stride(0),
             float(routed_scaling_factor),
             NUM_TOPK=k, BLOCK_K=triton.next_power_of_2(k), QUANTIZE=quantize,
-            SF_BYTES=sf_bytes, BLOCK_H=block_h, FILL=FILL_BLOCK, META_TOKENS=META_NUM_TOKENS,
+            SF_BYTES=sf_bytes, SCALES_STRIDE=buf.x_scales.shape[1], BLOCK_H=block_h, FILL=FILL_BLOCK,
+            META_TOKENS=META_NUM_TOKENS,
             num_warps=4,
         )
 
@@ -134,7 +136,7 @@ def _pre_dispatch_torch(x, topk_idx, topk_weights, buf, scaling: float) -> None:
     if buf.mode == "fp8xfp4":
         buf.x[:tokens], buf.x_sf[:tokens] = quantize_fp8(x)
         exponents = unpack_ue8m0(buf.x_sf[:tokens], buf.hidden // SCALE_GROUP)
-        buf.x_scales[: buf.hidden // SCALE_GROUP, :tokens] = ue8m0_to_float(exponents).T
+        buf.x_scales[:tokens, : buf.hidden // SCALE_GROUP] = ue8m0_to_float(exponents)
     else:
         buf.x[:tokens] = x
     buf.topk_idx[:tokens] = topk_idx.to(torch.int32)
