@@ -183,6 +183,23 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_n, stride_ws_n,
 
 
 @triton.jit
+def expert_rows_dot(w_ptr, w_scale_ptr, w_rows, w_mask, stride_w_n, stride_ws_n, a_ptr, a_rows, a_mask, stride_a_m,
+                    a_scale_ptr, stride_as_m, k_size, QUANTIZED: tl.constexpr, BLOCK_K: tl.constexpr,
+                    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr):
+    """One expert's W[w_rows, :k_size] @ A[a_rows, :k_size].T, fp32 [BLOCK_W, BLOCK_M], in the
+    layer's mode (L1 and L2 share it). fp8xfp4: `mxfp4_rows_dot`, with the rows outside the
+    masks clamped to row 0 (computed, never stored); bf16xbf16: `bf16_rows_dot`, masked loads."""
+    if QUANTIZED:
+        acc = mxfp4_rows_dot(w_ptr, w_scale_ptr, tl.where(w_mask, w_rows, 0), stride_w_n, stride_ws_n, a_ptr,
+                             tl.where(a_mask, a_rows, 0), stride_a_m, a_scale_ptr, stride_as_m, k_size,
+                             PTX_DECODE=not UPCAST, ISSUE_AHEAD=a_rows.shape[0] <= 32, WIDE_SCALES=WIDE_SCALES)
+    else:
+        acc = bf16_rows_dot(w_ptr, w_rows, w_mask, stride_w_n, a_ptr, a_rows, a_mask, stride_a_m, k_size,
+                            BLOCK_K=BLOCK_K, UPCAST=UPCAST)
+    return acc
+
+
+@triton.jit
 def bf16_rows_dot(w_ptr, w_rows, w_mask, stride_w_n, a_ptr, a_rows, a_mask, stride_a_m, k_size,
                   BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     """W[w_rows, :k_size] @ A[a_rows, :k_size].T as fp32 [BLOCK_W, BLOCK_M], both bfloat16.

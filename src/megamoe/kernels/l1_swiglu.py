@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .common import (count_expert_tiles, find_expert_tile, quantize_groups_fp32, quantize_groups_ue8m0, round_to_bf16,
                      ue8m0_to_fp32)
-from .expert_mma import bf16_rows_dot, mxfp4_rows_dot
+from .expert_mma import expert_rows_dot
 
 
 @triton.jit
@@ -58,15 +58,9 @@ def _l1_tile(
     w_rows = col + (j // BLOCK_N) * inter           # gate rows, then the matching up rows
     w_mask = col < inter
     expert64 = expert.to(tl.int64)
-    if QUANTIZED:
-        acc = mxfp4_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e,
-                             tl.where(w_mask, w_rows, 0), stride_w_n, stride_ws_n, a_ptr,
-                             tl.where(row_mask, a_rows, 0), stride_a_m, a_scale_ptr, stride_as_m, hidden,
-                             PTX_DECODE=not UPCAST, ISSUE_AHEAD=BLOCK_M <= 32,
-                             WIDE_SCALES=WIDE_SCALES)
-    else:
-        acc = bf16_rows_dot(w_ptr + expert64 * stride_w_e, w_rows, w_mask, stride_w_n, a_ptr, a_rows, row_mask,
-                            stride_a_m, hidden, BLOCK_K=BLOCK_K, UPCAST=UPCAST)
+    acc = expert_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e, w_rows, w_mask,
+                          stride_w_n, stride_ws_n, a_ptr, a_rows, row_mask, stride_a_m, a_scale_ptr, stride_as_m,
+                          hidden, QUANTIZED, BLOCK_K, UPCAST, WIDE_SCALES)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert64 * 2 * inter + w_rows, mask=w_mask, other=0.0)[:, None]

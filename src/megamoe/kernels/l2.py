@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .common import count_expert_tiles, find_expert_tile, round_to_bf16
-from .expert_mma import bf16_rows_dot, mxfp4_rows_dot
+from .expert_mma import expert_rows_dot
 
 
 @triton.jit
@@ -37,15 +37,9 @@ def _l2_tile(
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < hidden
     expert64 = expert.to(tl.int64)
-    if QUANTIZED:
-        acc = mxfp4_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e,
-                             tl.where(col_mask, cols, 0), stride_w_n, stride_ws_n, inter_ptr,
-                             tl.where(row_mask, a_rows, 0), inter, inter_scale_ptr, stride_is_m, inter,
-                             PTX_DECODE=not UPCAST, ISSUE_AHEAD=BLOCK_M <= 32,
-                             WIDE_SCALES=WIDE_SCALES)
-    else:
-        acc = bf16_rows_dot(w_ptr + expert64 * stride_w_e, cols, col_mask, stride_w_n, inter_ptr, a_rows,
-                            row_mask, inter, inter, BLOCK_K=BLOCK_K, UPCAST=UPCAST)
+    acc = expert_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e, cols, col_mask,
+                          stride_w_n, stride_ws_n, inter_ptr, a_rows, row_mask, inter, inter_scale_ptr, stride_is_m,
+                          inter, QUANTIZED, BLOCK_K, UPCAST, WIDE_SCALES)
     dst = tl.load(sorted_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     if HAS_BIAS:
         # The routing weight was folded into L2's input, so the bias gets it here.
