@@ -29,9 +29,7 @@ import torch.multiprocessing as mp
 import megamoe
 from megamoe import experts
 from megamoe.bench.ep import RANK_ENVIRONMENT, _barrier, _capture, _timed_loop, received_work
-from megamoe.experts import ExpertOptions, launch_l1, launch_l2
-from megamoe.kernels.combine import combine
-from megamoe.kernels.plan import plan
+from megamoe.experts import ExpertOptions
 from megamoe.testing import MODEL_SHAPES, make_problem, make_routing
 
 WARMUP, ITERS, SETS = 5, 30, 4
@@ -49,17 +47,6 @@ def variant(name: str):
         yield
     finally:
         experts.PERSISTENT_L1_MAXNREG, experts._resident_programs = saved
-
-
-def ep1_steps(y, l1, l2, buf):
-    tokens, k = y.shape[0], buf.num_topk
-    flat_w = buf.topk_weights.view(-1)
-    return [
-        ("plan", lambda: plan(buf.topk_idx.view(-1), tokens * k, buf, None)),
-        ("l1", lambda: launch_l1(buf, tokens * k, k, buf.x, buf.x_scales, flat_w, l1, ExpertOptions())),
-        ("l2", lambda: launch_l2(buf, tokens * k, flat_w, buf.combine, l2)),
-        ("combine", lambda: combine(buf.combine, buf.topk_idx, y, buf.num_experts)),
-    ]
 
 
 def prefix_times(sets, buf, steps_of, group, device) -> list[tuple[str, float]]:
@@ -120,8 +107,8 @@ def rank_main(rank: int, args, workdir: str):
                 stages = prefix_times(symm_sets, symm, lambda s: symm.backend.steps(
                     s["y"], l1, l2, symm, ExpertOptions(), None), group, device)
             rows.append((tokens, f"symm/{name}", stages))
-        rows.append((tokens, "ep1", prefix_times(ep1_sets, ep1, lambda s: ep1_steps(s["y"], l1, l2, ep1),
-                                                 group, device)))
+        rows.append((tokens, "ep1", prefix_times(ep1_sets, ep1, lambda s: ep1.backend.steps(
+            s["y"], l1, l2, ep1, ExpertOptions(), None), group, device)))
     _barrier(group, device)
     if rank == 0:
         print(f"{torch.cuda.get_device_name(device)}, {args.ranks} ranks, {args.shape}, C = {args.capacity}, "

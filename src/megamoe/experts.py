@@ -13,6 +13,7 @@ interpreter), with the kernels' rounding steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -114,9 +115,20 @@ def run_experts(buf, routing: torch.Tensor, num_entries: int, entries_per_row: i
     route_weights: float32 [>= num_entries] routing weight of each entry.
     out:           bfloat16 [>= num_entries, H]; rows of skipped entries are not written.
     """
-    plan(routing, num_entries, buf, recv_stats)
-    launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts)
-    launch_l2(buf, num_entries, route_weights, out, l2)
+    for _, step in expert_steps(buf, routing, num_entries, entries_per_row, a, a_scales, route_weights, out, l1,
+                                l2, opts, recv_stats):
+        step()
+
+
+def expert_steps(buf, routing, num_entries, entries_per_row, a, a_scales, route_weights, out, l1, l2, opts,
+                 recv_stats) -> list[tuple[str, Callable[[], None]]]:
+    """`run_experts`' kernels in order, as (stage name, launch) pairs (the stage breakdowns time
+    growing prefixes of them)."""
+    return [
+        ("plan", lambda: plan(routing, num_entries, buf, recv_stats)),
+        ("l1", lambda: launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts)),
+        ("l2", lambda: launch_l2(buf, num_entries, route_weights, out, l2)),
+    ]
 
 
 def expand_scales(sf_bytes: torch.Tensor, rows: int, groups: int, out: torch.Tensor) -> torch.Tensor:

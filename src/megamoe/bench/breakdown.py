@@ -14,10 +14,8 @@ import argparse
 import torch
 
 from ..buffer import MegaMoEBuffer
-from ..experts import ExpertOptions, launch_l1, launch_l2
-from ..kernels.combine import combine
+from ..experts import ExpertOptions
 from ..kernels.config import GemmConfig, force_config
-from ..kernels.plan import plan
 from ..kernels.pre_dispatch import pre_dispatch
 from ..testing import MODEL_SHAPES, make_problem, make_routing, relative_error
 from ..reference import mega_moe_reference
@@ -56,14 +54,8 @@ def breakdown(shape_name: str, tokens_list, variants, n_sets: int = 4, log=print
         def call(s, upto):
             x, idx, w, y = s
             pre_dispatch(x, idx, w, buf)
-            if upto >= 1:
-                plan(buf.topk_idx.view(-1), tokens * k, buf, None)
-            if upto >= 2:
-                launch_l1(buf, tokens * k, k, buf.x, buf.x_scales, buf.topk_weights.view(-1), l1, opts)
-            if upto >= 3:
-                launch_l2(buf, tokens * k, buf.topk_weights.view(-1), buf.combine, l2)
-            if upto >= 4:
-                combine(buf.combine, buf.topk_idx, y, buf.num_experts)
+            for _, step in buf.backend.steps(y, l1, l2, buf, opts, None)[:upto]:
+                step()
 
         for name in variants:
             with force_config(**VARIANTS[name]):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from ..experts import ExpertOptions, run_experts, run_experts_torch
+from ..experts import ExpertOptions, expert_steps, run_experts_torch
 from ..kernels.combine import combine
 from ..kernels.launch import use_triton
 
@@ -13,12 +15,19 @@ class LocalBackend:
     name = "local"
 
     def forward(self, y: torch.Tensor, l1, l2, buf, opts: ExpertOptions, recv_stats) -> None:
-        tokens = y.shape[0]
-        if tokens == 0:
+        if y.shape[0] == 0:
             return
+        for _, step in self.steps(y, l1, l2, buf, opts, recv_stats):
+            step()
+
+    def steps(self, y: torch.Tensor, l1, l2, buf, opts: ExpertOptions,
+              recv_stats) -> list[tuple[str, Callable[[], None]]]:
+        """The call's work in order, as (stage name, launch) pairs: plan, L1, L2 (one plain-torch
+        stage without Triton), then the combine. bench/breakdown.py and tools/ep_breakdown.py
+        time growing prefixes of them."""
         k = buf.num_topk
-        run = run_experts if use_triton(buf.device) else run_experts_torch
         scales = buf.x_scales if buf.mode == "fp8xfp4" else None
-        run(buf, buf.topk_idx.view(-1), tokens * k, k, buf.x, scales, buf.topk_weights.view(-1), buf.combine,
-            l1, l2, opts, recv_stats)
-        combine(buf.combine, buf.topk_idx, y, buf.num_experts)
+        args = (buf, buf.topk_idx.view(-1), y.shape[0] * k, k, buf.x, scales, buf.topk_weights.view(-1), buf.combine,
+                l1, l2, opts, recv_stats)
+        experts = expert_steps(*args) if use_triton(buf.device) else [("experts", lambda: run_experts_torch(*args))]
+        return experts + [("combine", lambda: combine(buf.combine, buf.topk_idx, y, buf.num_experts))]
