@@ -9,7 +9,7 @@ prefix the same fixed number of times. Medians of the slowest rank, microseconds
 
     PYTHONPATH=src timeout 300 python tools/ep_breakdown.py --ranks 2 --tokens 1,8 --variants default,nocap
 
-Variants change one thing for the symm call: `nocap` drops the persistent L1's register cap;
+Variants change one thing for the symm call: `nocap` drops the persistent L1 and L2 register caps;
 `sm8` gives the persistent L1/L2 8 programs an SM instead of the ones that fit at once.
 """
 
@@ -37,16 +37,16 @@ WARMUP, ITERS, SETS = 5, 30, 4
 
 @contextmanager
 def variant(name: str):
-    saved = experts.PERSISTENT_L1_MAXNREG, experts._resident_programs
+    saved = experts.PERSISTENT_MAXNREG, experts._resident_programs
     if name == "nocap":
-        experts.PERSISTENT_L1_MAXNREG = None
+        experts.PERSISTENT_MAXNREG = {}
     if name == "sm8":
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
         experts._resident_programs = lambda kernel, args, kwargs: 8 * sms
     try:
         yield
     finally:
-        experts.PERSISTENT_L1_MAXNREG, experts._resident_programs = saved
+        experts.PERSISTENT_MAXNREG, experts._resident_programs = saved
 
 
 def prefix_times(sets, buf, steps_of, group, device) -> list[tuple[str, float]]:

@@ -122,7 +122,8 @@ def main():
         block_m = cfg.block_m
         # The launchers' register cap (experts._register_cap) where they set one.
         persistent_fp8 = constexprs.get("PERSISTENT", False) and constexprs["QUANTIZED"]
-        cap = _register_cap(persistent_fp8, cfg).get("maxnreg") if fn is _l1_swiglu_kernel else None
+        which = {_l1_swiglu_kernel: "l1", _l2_kernel: "l2"}.get(fn)
+        cap = _register_cap(which, persistent_fp8, cfg).get("maxnreg") if which else None
         k = compile_kernel(fn, types, constexprs, cfg.num_warps, cfg.num_stages, cap)
         ptx = k.asm["ptx"]
         cubin = k.asm["cubin"]

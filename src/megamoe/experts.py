@@ -182,23 +182,28 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", GATHERED=gathered,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
         UPCAST=_upcast(), WIDE_SCALES=wide, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_register_cap(persistent and quantized, cfg),
+        **_register_cap("l1", persistent and quantized, cfg),
     )
     _launch(_l1_swiglu_kernel, grid, persistent, args, kwargs)
 
 
-# The persistent FP8 x MXFP4 L1 (symm backend) at 16-row tiles compiles to about 230 registers a
-# thread, 2 programs per SM, where the one-tile L1 of EP = 1 takes 134 and 3. Capped at 168 it
-# keeps its K loop free of spills (two spill stores per tile outside it; tools/inspect_kernels.py
-# --symm, sm_90a, 2026-11-28) and gets the third program back: L1 at 1 / 8 / 128 tokens per
-# rank 60 / 253 / 784 us against 67 / 298 / 895 without (2 x H200, before the row-major scale
-# tables of v7, docs/PERF.md). At 32 rows the cap would spill.
-PERSISTENT_L1_MAXNREG = 168
+# The persistent FP8 x MXFP4 tiles (symm backend) at 16 rows compile to more registers than the
+# one-tile ones of EP = 1 (L1: about 230 a thread against 134; L2: 169-172 against 133), which
+# leaves 2 programs per SM instead of 3. Capped, both get the third program back with no spill
+# inside the K loop (a few spill stores per tile outside it; tools/inspect_kernels.py --symm,
+# sm_90a). Measured: the symm L1 at 1 / 8 / 128 tokens per rank 60 / 253 / 784 us capped at 168,
+# 67 / 298 / 895 uncapped (2 x H200, 2026-11-28, before v7). The persistent L2 on the rows of an
+# EP = 1 call at 1 / 8 tokens: 30.8 / 166.9 us uncapped (264 programs on 132 SMs), 21.5 / 147.0
+# capped at 168, 21.1 / 138.5 at 160, against 20.2-20.3 / 136.2-136.9 for the one-tile L2 (H100,
+# 2026-11-28, docs/PERF.md). At 32 rows a cap would spill.
+PERSISTENT_MAXNREG = {"l1": 168, "l2": 160}
 
 
-def _register_cap(persistent: bool, cfg) -> dict:
-    if persistent and cfg.block_m == 16 and not _upcast():
-        return {"maxnreg": PERSISTENT_L1_MAXNREG}
+def _register_cap(which: str, persistent: bool, cfg) -> dict:
+    """Launch options capping a persistent FP8 x MXFP4 tile's registers (`which`: "l1" or "l2")."""
+    cap = PERSISTENT_MAXNREG.get(which)
+    if persistent and cap is not None and cfg.block_m == 16 and not _upcast():
+        return {"maxnreg": cap}
     return {}
 
 
@@ -231,6 +236,7 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
         QUANTIZED=quantized, HAS_BIAS=l2.bias is not None, GATHERED=gathered, REMOTE_OUT=remote is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
         UPCAST=_upcast(), WIDE_SCALES=wide, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_register_cap("l2", persistent and quantized, cfg),
     )
     _launch(_l2_kernel, grid, persistent, args, kwargs)
 
