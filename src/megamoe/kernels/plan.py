@@ -65,9 +65,9 @@ def _plan_scatter_kernel(topk_idx_ptr, expert_count_ptr, slot_rank_ptr, expert_o
                          BLOCK_E: tl.constexpr, META_DROPPED: tl.constexpr):
     pid = tl.program_id(0)
     e = tl.arange(0, BLOCK_E)
-    counts = tl.load(expert_count_ptr + e, mask=e < num_local_experts, other=0)
-    offsets = tl.cumsum(counts, axis=0) - counts
     if pid == 0:
+        counts = tl.load(expert_count_ptr + e, mask=e < num_local_experts, other=0)
+        offsets = tl.cumsum(counts, axis=0) - counts
         tl.store(expert_offsets_ptr + e, tl.minimum(offsets, max_rows), mask=e < num_local_experts)
         tl.store(expert_offsets_ptr + num_local_experts, tl.minimum(tl.sum(counts, axis=0), max_rows))
         if HAS_STATS:
@@ -78,13 +78,18 @@ def _plan_scatter_kernel(topk_idx_ptr, expert_count_ptr, slot_rank_ptr, expert_o
     expert = tl.load(topk_idx_ptr + offs, mask=valid, other=-1)
     local = expert - first_expert
     mine = valid & (expert >= 0) & (expert < num_experts) & (local >= 0) & (local < num_local_experts)
-    rank = tl.load(slot_rank_ptr + offs, mask=mine, other=0)
-    # Gather this entry's expert offset from the per-program copy of the prefix sum.
-    position = tl.sum(tl.where(local[:, None] == e[None, :], offsets[None, :], 0), axis=1) + rank
-    tl.store(sorted_rows_ptr + position, offs.to(tl.int32), mask=mine & (position < max_rows))
-    dropped = tl.sum((mine & (position >= max_rows)).to(tl.int32), axis=0)
-    if dropped > 0:
-        tl.atomic_add(meta_ptr + META_DROPPED, dropped)
+    # The symm backend's table covers every rank's capacity, mostly empty at decode: a program
+    # with no local entry skips the prefix sum and its [BLOCK, BLOCK_E] compare.
+    if tl.sum(mine.to(tl.int32), axis=0) > 0:
+        counts = tl.load(expert_count_ptr + e, mask=e < num_local_experts, other=0)
+        offsets = tl.cumsum(counts, axis=0) - counts
+        rank = tl.load(slot_rank_ptr + offs, mask=mine, other=0)
+        # Gather this entry's expert offset from the per-program copy of the prefix sum.
+        position = tl.sum(tl.where(local[:, None] == e[None, :], offsets[None, :], 0), axis=1) + rank
+        tl.store(sorted_rows_ptr + position, offs.to(tl.int32), mask=mine & (position < max_rows))
+        dropped = tl.sum((mine & (position >= max_rows)).to(tl.int32), axis=0)
+        if dropped > 0:
+            tl.atomic_add(meta_ptr + META_DROPPED, dropped)
 
 
 def plan(topk_idx: torch.Tensor, num_entries: int, buf, recv_stats: torch.Tensor | None,
