@@ -18,13 +18,21 @@
 #   pytest       the gpu-marked tests of tests/test_stress.py
 #
 # Each step writes OUT_DIR/STEP.log (and .json where there is one) and appends its exit status
-# to OUT_DIR/summary.txt. Start with `stress-ep1 ITERATIONS=50` to see the time per iteration
-# (new shapes compile new kernels), e.g.  ITERATIONS=50 tools/gpu_reliability.sh stress-ep1
+# to OUT_DIR/summary.txt. A compiled GPU iteration takes about 0.6-0.7 s at EP = 1 and 0.9 s at
+# EP = 2 (2026-11-28); the first ones compile kernels.
+#
+# The stress steps take START (first iteration, default 0) and GPUS (default: the step's rank
+# count). With GPUS a multiple of the ranks they run GPUS / ranks copies side by side on
+# disjoint GPUs (CUDA_VISIBLE_DEVICES), copy i on iterations START + i * chunk ..., each writing
+# OUT_DIR/STEP-i.log and .json, e.g. 1000 EP = 1 cases on a 4-GPU machine in about 3 minutes:
+#     GPUS=4 tools/gpu_reliability.sh stress-ep1
 set -u
 
 STEP=${1:?usage: tools/gpu_reliability.sh STEP [OUT_DIR]}
 OUT=${2:-reliability_out}
 ITERATIONS=${ITERATIONS:-1000}
+START=${START:-0}
+PROFILE=${PROFILE:-gpu}
 EP_BACKEND=${EP_BACKEND:-auto}
 FAULTS=mismatched_capacity,late_half,late_double,killed_counts,killed_dispatch,killed_combine
 [ "$EP_BACKEND" = symm ] && FAULTS=$FAULTS,killed_gather   # a peer dies while the others pull its rows
@@ -46,6 +54,33 @@ run() {   # run LIMIT_S COMMAND...: bounded, logged, status recorded
     return $status
 }
 
+chunks() {   # chunks RANKS ARGS...: `megamoe stress ARGS` in GPUS / RANKS copies side by side
+    local ranks=$1
+    shift
+    local copies=$(( ${GPUS:-$ranks} / ranks ))
+    [ "$copies" -ge 1 ] || copies=1
+    local per=$(( (ITERATIONS + copies - 1) / copies ))
+    local pids=() i
+    for ((i = 0; i < copies; i++)); do
+        local devices
+        devices=$(seq -s, $((i * ranks)) $((i * ranks + ranks - 1)))
+        echo "== $STEP-$i (GPUs $devices): stress $* --start $((START + i * per)) --iterations $per" \
+            | tee "$OUT/$STEP-$i.log"
+        CUDA_VISIBLE_DEVICES=$devices timeout --signal=KILL 570 $MEGAMOE stress "$@" --profile "$PROFILE" \
+            --start $((START + i * per)) --iterations "$per" --json "$OUT/$STEP-$i.json" >> "$OUT/$STEP-$i.log" 2>&1 &
+        pids+=($!)
+    done
+    local status=0 pid
+    for pid in "${pids[@]}"; do
+        wait "$pid" || status=$?
+    done
+    echo "$STEP: exit $status, $copies copies from iteration $START ($(date -u +%FT%TZ))" | tee -a "$OUT/summary.txt"
+    for ((i = 0; i < copies; i++)); do
+        tail -n 12 "$OUT/$STEP-$i.log"
+    done
+    return $status
+}
+
 if [ "$STEP" = memcheck ] || [ "$STEP" = racecheck ]; then
     SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
     if [ -z "$SANITIZER" ]; then
@@ -55,11 +90,9 @@ if [ "$STEP" = memcheck ] || [ "$STEP" = racecheck ]; then
 fi
 
 case "$STEP" in
-    stress-ep1) run 570 $MEGAMOE stress --iterations "$ITERATIONS" --profile gpu --json "$OUT/$STEP.json" ;;
-    stress-ep2) run 570 $MEGAMOE stress --iterations "$ITERATIONS" --profile gpu --ranks 2 --deadline 540 \
-        --ep-backend "$EP_BACKEND" --json "$OUT/$STEP-$EP_BACKEND.json" ;;
-    stress-ep4) run 570 $MEGAMOE stress --iterations "$ITERATIONS" --profile gpu --ranks 4 --deadline 540 \
-        --ep-backend "$EP_BACKEND" --json "$OUT/$STEP-$EP_BACKEND.json" ;;
+    stress-ep1) chunks 1 ;;
+    stress-ep2) chunks 2 --ranks 2 --deadline 540 --ep-backend "$EP_BACKEND" ;;
+    stress-ep4) chunks 4 --ranks 4 --deadline 540 --ep-backend "$EP_BACKEND" ;;
     faults-2) run 570 $MEGAMOE stress --faults --ranks 2 --timeout 10 --ep-backend "$EP_BACKEND" \
         --scenarios "$FAULTS" --json "$OUT/$STEP-$EP_BACKEND.json" ;;
     faults-4) run 570 $MEGAMOE stress --faults --ranks 4 --timeout 10 --ep-backend "$EP_BACKEND" \
