@@ -287,3 +287,36 @@ HOPPER_SM = dict(regs_per_sm=65536, shared_per_sm=233472, threads_per_sm=2048)
 def test_persistent_grid_is_what_an_sm_holds(regs, warps, shared, expected):
     from megamoe.experts import programs_per_sm
     assert programs_per_sm(regs, warps, shared, **HOPPER_SM) == expected
+
+
+def _mxfp4(e: int, n: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return megamoe.formats.quantize_mxfp4(torch.randn(e, n, k, generator=g) * 2.0 ** torch.randint(-4, 5, (e, n, 1),
+                                                                                                   generator=g))
+
+
+def test_transform_weights_tiled_layout_is_exact():
+    """weights.py's kernel layout byte by byte (32-row tiles, one contiguous block a 128-wide step,
+    two nibble-split chunks of 64 in it, zero codes past K), and `dequantize` against formats."""
+    e, inter, hidden = 2, 96, 160                    # K = 160 and 96: the last steps are padded
+    (q1, s1), (q2, s2) = _mxfp4(e, 2 * inter, hidden, 1), _mxfp4(e, hidden, inter, 2)
+    l1, l2 = megamoe.transform_weights((q1, s1), (q2, s2))
+    steps = -(-hidden // 128)
+    codes = torch.zeros(e, 2 * inter, steps * 128, dtype=torch.uint8)
+    codes[..., 0:hidden:2], codes[..., 1:hidden:2] = q1 & 0xF, q1 >> 4
+    chunks = codes.view(e, 2 * inter, steps * 2, 2, 32)
+    packed = chunks[..., 0, :] | (chunks[..., 1, :] << 4)            # [e, rows, chunk, byte]
+    assert tuple(l1.w.shape) == (e, 2 * inter // 32, steps, 32, 64)
+    for row in range(2 * inter):
+        for step in range(steps):
+            block = l1.w[:, row // 32, step, row % 32]
+            assert torch.equal(block, packed[:, row, 2 * step: 2 * step + 2].reshape(e, 64)), (row, step)
+    for expert in range(e):
+        assert torch.equal(l1.dequantize(expert), megamoe.formats.dequantize_mxfp4(q1[expert], s1[expert]))
+        assert torch.equal(l2.dequantize(expert), megamoe.formats.dequantize_mxfp4(q2[expert], s2[expert]))
+
+
+def test_transform_weights_rejects_rows_off_the_tile():
+    (q1, s1), (q2, s2) = _mxfp4(1, 64, 64, 3), _mxfp4(1, 48, 32, 4)
+    with pytest.raises(ValueError, match=r"l2_weights: expected a multiple of 32 rows"):
+        megamoe.transform_weights((q1, s1), (q2, s2))

@@ -6,13 +6,15 @@ One candidate is the access pattern: each 128-wide K step of a 64-row weight til
 bytes from each of 64 rows that lie K/2 bytes apart. This tool streams the same bytes through
 the same load -> tl.dot loop with nothing else in it, in three layouts:
 
-    rows     the kernels' layout: step s of a tile reads bytes [64 s, 64 s + 64) of 64 rows
+    rows     the layout before v9: step s of a tile reads bytes [64 s, 64 s + 64) of 64 rows
     rows128  the same rows, 128 bytes a row per step (half the steps)
-    tiled    each step's 64 x 64 bytes contiguous (what a pre-tiled weight layout would give)
+    tiled    the kernels' layout since v9 (weights.py): each step's 32 rows x 64 bytes are one
+             contiguous 2 KB block, so a 64-row tile reads two blocks a step
 
 and prints GB/s next to a device copy of the same size. If `tiled` or `rows128` streams much
-faster than `rows`, the weight layout is the decode lever; if all three sit at the kernels'
-1.3-1.5 TB/s, it is not.
+faster than `rows`, the weight layout is a decode lever (v9 adopted `tiled` before this was
+measured: same SASS, more contiguous loads); if all three sit at the kernels' 1.3-1.5 TB/s, it
+is not.
 
     python tools/weight_stream.py [--experts 6] [--hidden 4096] [--intermediate 2048]
 
@@ -30,13 +32,15 @@ import torch
 import triton
 import triton.language as tl
 
+from megamoe.weights import TILE_ROWS
+
 BLOCK_W, BLOCK_M = 64, 16
 LAYOUTS = {"rows": (False, 64), "rows128": (False, 128), "tiled": (True, 64)}
 
 
 @triton.jit
 def _stream_kernel(w_ptr, b_ptr, out_ptr, row_bytes, steps, TILED: tl.constexpr, STEP_BYTES: tl.constexpr,
-                   BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr):
+                   BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr):
     tile = tl.program_id(0)
     r = tl.arange(0, BLOCK_W)
     c = tl.arange(0, STEP_BYTES)
@@ -45,7 +49,9 @@ def _stream_kernel(w_ptr, b_ptr, out_ptr, row_bytes, steps, TILED: tl.constexpr,
     acc = tl.zeros((BLOCK_W, BLOCK_M), dtype=tl.float32)
     for s in range(steps):
         if TILED:
-            offs = (tile * steps + s) * (BLOCK_W * STEP_BYTES) + r[:, None] * STEP_BYTES + c[None, :]
+            n = tile * BLOCK_W + r
+            offs = ((n // TILE) * steps + s)[:, None] * (TILE * STEP_BYTES) + (n % TILE)[:, None] * STEP_BYTES \
+                + c[None, :]
         else:
             offs = (tile * BLOCK_W + r[:, None]) * row_bytes + s * STEP_BYTES + c[None, :]
         w = tl.load(w_ptr + offs)
@@ -54,16 +60,16 @@ def _stream_kernel(w_ptr, b_ptr, out_ptr, row_bytes, steps, TILED: tl.constexpr,
 
 
 def tiled_copy(w_rows: torch.Tensor, step_bytes: int) -> torch.Tensor:
-    """[tiles * BLOCK_W, row_bytes] -> the same bytes with each step's tile contiguous."""
+    """[rows, row_bytes] -> the same bytes with each step of TILE_ROWS rows contiguous."""
     rows, row_bytes = w_rows.shape
-    t = w_rows.view(rows // BLOCK_W, BLOCK_W, row_bytes // step_bytes, step_bytes)
+    t = w_rows.view(rows // TILE_ROWS, TILE_ROWS, row_bytes // step_bytes, step_bytes)
     return t.permute(0, 2, 1, 3).contiguous().view(-1)
 
 
 def stream(w: torch.Tensor, b: torch.Tensor, out: torch.Tensor, rows: int, row_bytes: int, layout: str) -> None:
     tiled, step_bytes = LAYOUTS[layout]
     _stream_kernel[(rows // BLOCK_W,)](w, b[:step_bytes], out, row_bytes, row_bytes // step_bytes, TILED=tiled,
-                                       STEP_BYTES=step_bytes, BLOCK_W=BLOCK_W, BLOCK_M=BLOCK_M, num_warps=4,
+                                       STEP_BYTES=step_bytes, BLOCK_W=BLOCK_W, BLOCK_M=BLOCK_M, TILE=TILE_ROWS, num_warps=4,
                                        num_stages=4)
 
 

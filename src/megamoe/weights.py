@@ -6,10 +6,16 @@ User layout (DESIGN.md section 2), per rank's local experts E_l:
     bf16xbf16: L1 bfloat16 [E_l, 2I, H], L2 bfloat16 [E_l, H, I].
 
 Kernel layout (`ExpertWeights`), fp8xfp4:
-    w    uint8 [E_l, N, KP/2]   KP = K rounded up to 64. K is cut into chunks of 64; byte j of
-                                chunk c holds element 64c + j in its low nibble and element
-                                64c + 32 + j in its high nibble, so the two nibbles of a tile
-                                of bytes decode to two whole scale groups with no shuffling.
+    w    uint8 [E_l, N/32, S, 32, 64]
+                                S = ceil(K/128) steps of 128 columns. Rows come in tiles of
+                                TILE_ROWS = 32, and a tile's 32 rows x 64 bytes of one step are
+                                one contiguous 2 KB block, so the GEMMs' loads of a step are
+                                whole blocks, not 64 bytes from each of 32 rows K/2 bytes apart.
+                                Within a row's 64 bytes of a step: K is cut into chunks of 64;
+                                byte j of chunk c holds element 64c + j in its low nibble and
+                                element 64c + 32 + j in its high nibble, so the two nibbles of
+                                a tile of bytes decode to two whole scale groups with no
+                                shuffling. Columns past K hold code 0 (the value 0).
     w_sf bf16 [E_l, N, G4]      each group's scale 2^(e-127) (exact in BF16); a row's 4 scales
                                 of a 128-wide step of K are one 8-byte vector. G4 = ceil(K/128)
                                 * 4: the kernels read whole steps; padding groups hold 1. Costs
@@ -29,6 +35,11 @@ from .reference import check_bias, check_expert_weights, check_mode
 
 CHUNK = 64
 """K elements per packed chunk: two scale groups, one in each nibble."""
+STEP = 128
+"""K elements per step of the GEMM loop: two chunks."""
+TILE_ROWS = 32
+"""Rows of a weight tile whose bytes of one step are contiguous (every tile config's weight rows
+are whole tiles: L1 takes BLOCK_N gate and BLOCK_N up rows, L2 BLOCK_N rows, BLOCK_N >= 32)."""
 
 
 @dataclass(frozen=True)
@@ -55,32 +66,36 @@ class ExpertWeights:
         """float32 [N, K]: the values of one expert's matrix (the CPU path and tests use this)."""
         if self.mode != "fp8xfp4":
             return self.w[expert].float()
-        packed = self.w[expert]
+        tiles, steps, rows, step_bytes = self.w[expert].shape
+        packed = self.w[expert].permute(0, 2, 1, 3).reshape(tiles * rows, steps * step_bytes)
         n, half_kp = packed.shape
         chunks = packed.view(n, half_kp // (CHUNK // 2), 1, CHUNK // 2)
         codes = torch.cat([chunks & 0xF, chunks >> 4], dim=2).reshape(n, 2 * half_kp)
         values = e2m1_lut(packed.device)[codes.long()].view(n, -1, SCALE_GROUP)
-        scales = self.w_sf[expert][:, : values.shape[1]].float().unsqueeze(-1)
+        scales = self.w_sf[expert].float().unsqueeze(-1)
         return (values * scales).reshape(n, -1)[:, : self.k]
 
 
 def _pack_chunks(w_q: torch.Tensor, w_sf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     e, n, half_k = w_q.shape
     k = 2 * half_k
-    kp = -(-k // CHUNK) * CHUNK
-    codes = torch.zeros(e, n, kp, dtype=torch.uint8, device=w_q.device)
+    steps = -(-k // STEP)
+    codes = torch.zeros(e, n, steps * STEP, dtype=torch.uint8, device=w_q.device)
     codes[..., 0:k:2] = w_q & 0xF
     codes[..., 1:k:2] = w_q >> 4
-    chunks = codes.view(e, n, kp // CHUNK, 2, CHUNK // 2)
-    packed = (chunks[..., 0, :] | (chunks[..., 1, :] << 4)).reshape(e, n, kp // 2)
+    chunks = codes.view(e, n, steps * STEP // CHUNK, 2, CHUNK // 2)
+    packed = chunks[..., 0, :] | (chunks[..., 1, :] << 4)            # [e, n, chunks, 32]
+    tiled = packed.view(e, n // TILE_ROWS, TILE_ROWS, steps, STEP // 2).permute(0, 1, 3, 2, 4)
     scales = torch.ones((e, n, step_groups(k)), dtype=torch.bfloat16, device=w_sf.device)
     scales[:, :, : k // SCALE_GROUP] = ue8m0_to_float(w_sf).bfloat16()
-    return packed.contiguous(), scales
+    return tiled.contiguous(), scales
 
 
 def _transform_one(weights, mode: str, name: str) -> ExpertWeights:
     e, n, k = check_expert_weights(weights, mode, name)
     if mode == "fp8xfp4":
+        if n % TILE_ROWS:
+            raise ValueError(f"{name}: expected a multiple of {TILE_ROWS} rows (N of [E, N, K/2]), got {n}")
         packed, scales = _pack_chunks(*weights)
         return ExpertWeights(mode, packed, scales, e, n, k)
     return ExpertWeights(mode, weights.contiguous(), None, e, n, k)

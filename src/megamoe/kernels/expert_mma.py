@@ -17,7 +17,11 @@ the partial product of each group is promoted into the accumulator with scale
 import triton
 import triton.language as tl
 
+from ..weights import TILE_ROWS as _TILE_ROWS
 from .common import decode_e2m1_pair
+
+TILE_ROWS = tl.constexpr(_TILE_ROWS)
+TILE_STEP_BYTES = tl.constexpr(_TILE_ROWS * 64)   # one 128-wide step of a row tile, 4 bits a weight
 
 
 @triton.jit
@@ -83,18 +87,21 @@ def _group_scales(w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_
 
 
 @triton.jit
-def _chunk_operands(w_base, a_base, chunk, k_size, MASKED: tl.constexpr, PTX_DECODE: tl.constexpr):
-    """The two FP8 weight tiles [BLOCK_W, 32] and activation tiles [32, BLOCK_M] of one chunk.
+def _chunk_operands(w_base, a_base, step, HALF: tl.constexpr, k_size, MASKED: tl.constexpr,
+                    PTX_DECODE: tl.constexpr):
+    """The two FP8 weight tiles [BLOCK_W, 32] and activation tiles [32, BLOCK_M] of chunk
+    2 * step + HALF (K columns 128 step + 64 HALF ..., see weights.py for the tiled layout).
 
     MASKED only for the last, partial step: columns past k_size read as zeros.
     """
-    g = 2 * chunk
+    g = 4 * step + 2 * HALF
+    w_ptrs = w_base + step * TILE_STEP_BYTES + HALF * 32
     if MASKED:
-        packed = tl.load(w_base + chunk * 32, mask=chunk * 64 < k_size, other=0)
+        packed = tl.load(w_ptrs, mask=g * 32 < k_size, other=0)
         a_lo = tl.load(a_base + g * 32, mask=g * 32 < k_size, other=0.0)
         a_hi = tl.load(a_base + (g + 1) * 32, mask=(g + 1) * 32 < k_size, other=0.0)
     else:
-        packed = tl.load(w_base + chunk * 32)
+        packed = tl.load(w_ptrs)
         a_lo = tl.load(a_base + g * 32)
         a_hi = tl.load(a_base + (g + 1) * 32)
     if PTX_DECODE:
@@ -113,8 +120,8 @@ def _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, s
     back to back instead of each waiting for the previous one's promotion; it holds four
     partial tiles in registers, affordable for the few-token tiles of decode only.
     """
-    w0, w1, a0, a1 = _chunk_operands(w_base, a_base, 2 * step, k_size, MASKED, PTX_DECODE)
-    w2, w3, a2, a3 = _chunk_operands(w_base, a_base, 2 * step + 1, k_size, MASKED, PTX_DECODE)
+    w0, w1, a0, a1 = _chunk_operands(w_base, a_base, step, 0, k_size, MASKED, PTX_DECODE)
+    w2, w3, a2, a3 = _chunk_operands(w_base, a_base, step, 1, k_size, MASKED, PTX_DECODE)
     if ISSUE_AHEAD:
         t0 = tl.dot(w0, a0)
         t1 = tl.dot(w1, a1)
@@ -133,13 +140,15 @@ def _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, s
 
 
 @triton.jit
-def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_n, stride_ws_n,
+def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n,
                    a_ptr, a_rows, stride_a_m, a_scale_ptr, stride_as_m, k_size,
                    PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr, WIDE_SCALES: tl.constexpr):
     """W[w_rows, :k_size] @ A[a_rows, :k_size].T as fp32 [BLOCK_W, BLOCK_M]; MXFP4 W, FP8 A.
 
-    w_ptr:       uint8, packed chunks of the expert (weights.py layout); w_rows [BLOCK_W] int,
-                 valid row indices (callers clamp the rows past the edge of a tile: their
+    w_ptr:       uint8, the expert's packed weights, tiled (weights.py): each 128-wide step of
+                 TILE_ROWS rows is one contiguous block of TILE_STEP_BYTES, the blocks of a
+                 row tile stride_w_tile bytes apart from the next row tile's. w_rows [BLOCK_W]
+                 int, valid row indices (callers clamp the rows past the edge of a tile: their
                  results are computed and never stored, which is cheaper than masking every load).
     w_scale_ptr: bfloat16 [N, G4] group scales of the expert (stride_ws_n between rows).
     a_ptr:       float8e4nv rows; a_rows [BLOCK_M] int64, valid row indices as for w_rows.
@@ -157,7 +166,10 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_n, stride_ws_n,
     """
     acc = tl.zeros((w_rows.shape[0], a_rows.shape[0]), dtype=tl.float32)
     offs = tl.arange(0, 32)
-    w_base = w_ptr + w_rows[:, None] * stride_w_n + offs[None, :]
+    # Row n of the expert starts at byte (n // TILE_ROWS) * stride_w_tile + (n % TILE_ROWS) * 64
+    # of its first step (weights.py); step s adds s * TILE_STEP_BYTES.
+    w_base = (w_ptr + (w_rows // TILE_ROWS)[:, None] * stride_w_tile + (w_rows % TILE_ROWS)[:, None] * 64
+              + offs[None, :])
     a_base = a_ptr + a_rows[None, :] * stride_a_m + offs[:, None]
     full_steps = k_size // 128
     # First group of the last step (the partial one if K is not a multiple of 128). Loads of a
@@ -198,7 +210,9 @@ def expert_rows_dot(w_ptr, w_scale_ptr, w_rows, w_mask, stride_w_n, stride_ws_n,
                     UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr):
     """One expert's W[w_rows, :k_size] @ A[a_rows, :k_size].T, fp32 [BLOCK_W, BLOCK_M], in the
     layer's mode (L1 and L2 share it). fp8xfp4: `mxfp4_rows_dot`, with the rows outside the
-    masks clamped to row 0 (computed, never stored); bf16xbf16: `bf16_rows_dot`, masked loads."""
+    masks clamped to row 0 (computed, never stored), stride_w_n the stride between row tiles
+    (`ExpertWeights.w.stride(1)`); bf16xbf16: `bf16_rows_dot`, masked loads, stride_w_n the
+    stride between rows."""
     if QUANTIZED:
         acc = mxfp4_rows_dot(w_ptr, w_scale_ptr, tl.where(w_mask, w_rows, 0), stride_w_n, stride_ws_n, a_ptr,
                              tl.where(a_mask, a_rows, 0), stride_a_m, a_scale_ptr, stride_as_m, k_size,
