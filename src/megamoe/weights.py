@@ -38,8 +38,9 @@ CHUNK = 64
 STEP = 128
 """K elements per step of the GEMM loop: two chunks."""
 TILE_ROWS = 32
-"""Rows of a weight tile whose bytes of one step are contiguous (every tile config's weight rows
-are whole tiles: L1 takes BLOCK_N gate and BLOCK_N up rows, L2 BLOCK_N rows, BLOCK_N >= 32)."""
+"""Rows of a weight tile whose bytes of one step are contiguous. The GPU's tile configs read whole
+tiles (L1: BLOCK_N gate and BLOCK_N up rows, L2: BLOCK_N rows, BLOCK_N >= 32); narrower test
+configs read parts of blocks, which is correct, only less contiguous."""
 
 
 @dataclass(frozen=True)
