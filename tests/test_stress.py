@@ -120,6 +120,18 @@ def test_pressure_kernels(device):
     assert report.routed_rows > 0 and report.poisons
 
 
+def test_contract_failure_carries_the_fp32_experts_error(device):
+    """A contract failure of the kernels at EP = 1 also reports the same call with the experts in
+    plain-torch FP32 (how finding 6 was told apart from a bug). A negative tolerance fails every
+    iteration; the FP32 experts must then match the reference as the kernels do here."""
+    report = run_stress(2, seed=0, profile="tiny", device=device, tolerance=-1.0)
+    contract = [f for f in report.failures if ": contract: " in f]
+    assert len(contract) == 2
+    for failure in contract:
+        assert "the experts in plain-torch FP32 on this device: " in failure
+        assert float(failure.split("on this device: ")[1].split()[0]) < LAYER_KERNEL_VS_REFERENCE
+
+
 def test_pressure_two_gloo_ranks(tmp_path):
     report = run_stress_ranks(40, 2, seed=0, profile="cpu", tolerance=LAYER_CONTRACT, workdir=tmp_path,
                               env_vars=TORCH_PATH, deadline_s=150)

@@ -20,14 +20,19 @@ class LocalBackend:
         for _, step in self.steps(y, l1, l2, buf, opts, recv_stats):
             step()
 
-    def steps(self, y: torch.Tensor, l1, l2, buf, opts: ExpertOptions,
-              recv_stats) -> list[tuple[str, Callable[[], None]]]:
+    def steps(self, y: torch.Tensor, l1, l2, buf, opts: ExpertOptions, recv_stats,
+              fp32_experts: bool = False) -> list[tuple[str, Callable[[], None]]]:
         """The call's work in order, as (stage name, launch) pairs: plan, L1, L2 (one plain-torch
         stage without Triton), then the combine. bench/breakdown.py and tools/ep_breakdown.py
-        time growing prefixes of them."""
+        time growing prefixes of them. fp32_experts: the experts in plain torch even where
+        Triton runs (FP32 products and sums with the kernels' rounding steps; the pressure test
+        compares a GPU call that breaks the contract with it)."""
         k = buf.num_topk
         scales = buf.x_scales if buf.mode == "fp8xfp4" else None
         args = (buf, buf.topk_idx.view(-1), y.shape[0] * k, k, buf.x, scales, buf.topk_weights.view(-1), buf.combine,
                 l1, l2, opts, recv_stats)
-        experts = expert_steps(*args) if use_triton(buf.device) else [("experts", lambda: run_experts_torch(*args))]
+        if use_triton(buf.device) and not fp32_experts:
+            experts = expert_steps(*args)
+        else:
+            experts = [("experts", lambda: run_experts_torch(*args))]
         return experts + [("combine", lambda: combine(buf.combine, buf.topk_idx, y, buf.num_experts))]
