@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import torch
 import triton
 import triton.language as tl
 
+from megamoe.bench.timing import time_eager
 from megamoe.weights import TILE_ROWS
 
 BLOCK_W, BLOCK_M = 64, 16
@@ -98,20 +98,6 @@ def check(device) -> None:
         print(f"check {layout}: relative error {err:.1e}")
 
 
-def time_us(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0)
-    return statistics.median(times)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, default=6)
@@ -132,14 +118,14 @@ def main(argv=None) -> None:
     sets = [random_fp8_bytes((rows, row_bytes), device, g) for _ in range(args.sets)]
     src, dst = torch.empty(nbytes, dtype=torch.uint8, device=device), torch.empty(nbytes, dtype=torch.uint8,
                                                                                      device=device)
-    copy_us = time_us(lambda: dst.copy_(src))
+    copy_us = time_eager([lambda: dst.copy_(src)], reps=20)
     print(f"{torch.cuda.get_device_name()}: {rows} rows x {row_bytes} bytes = {nbytes / 1e6:.1f} MB a call, "
           f"{args.sets} rotating copies; BLOCK_W {BLOCK_W}, BLOCK_M {BLOCK_M}, 4 warps, 4 stages")
     print(f"{'layout':<10}{'us':>10}{'GB/s':>10}")
     print(f"{'copy':<10}{copy_us:>10.1f}{2 * nbytes / copy_us / 1e3:>10.0f}   (read + write)")
     for layout, (tiled, step_bytes) in LAYOUTS.items():
         data = [tiled_copy(w, step_bytes) if tiled else w for w in sets]
-        us = time_us(lambda: [stream(d, b, out, rows, row_bytes, layout) for d in data]) / len(data)
+        us = time_eager([lambda d=d: stream(d, b, out, rows, row_bytes, layout) for d in data], reps=20)
         print(f"{layout:<10}{us:>10.1f}{nbytes / us / 1e3:>10.0f}")
 
 
