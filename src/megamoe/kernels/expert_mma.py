@@ -49,31 +49,21 @@ def decode_e2m1_pair_packed(packed):
 
 
 @triton.jit
-def _group_scales(w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, g, WIDE: tl.constexpr,
-                  SPLIT: tl.constexpr):
+def _group_scales(w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, g, WIDE: tl.constexpr):
     """Weight scales [BLOCK_W] and activation scales [BLOCK_M] of groups g .. g+3, as fp32.
 
-    Both tables hold each row's groups contiguously (row stride stride_ws_n / stride_as_m).
-    SPLIT (wide tiles): a row's four scales of a step are one vector load (8 bytes of bf16, 16
-    of fp32), split into four vectors; the split moves them into the accumulator's layout
-    through shared memory, with two more barriers a step. Otherwise (narrow tiles) four loads
-    per row land in that layout directly. Compiled for sm_90a (tools/inspect_kernels.py), the
-    K loop per 128-wide step: 16-row L1 262 SASS split (4 barriers, 6 global loads) against 317
-    direct (2 barriers, 32 loads); 64-row L1 446 split against 552 direct. (v6's tables,
-    transposed to [groups, rows], took 363 and 684.) Unmasked: both tables have a multiple of
-    4 groups (padding holds 1.0), the rows are valid indices and callers never ask for groups
-    past the last step (see `mxfp4_rows_dot`): the tables end right after it, the last one of
-    an allocation included. WIDE: 64-bit row offsets, for scale tables of 2^31 entries or more.
+    Both tables hold each row's groups contiguously (row stride stride_ws_n / stride_as_m), so
+    a row's four scales of a step are one vector load: 8 bytes of bf16, 16 of fp32. (One load
+    per group and row instead, from tables transposed to [groups, rows], took 24 scalar loads
+    and their 64-bit address arithmetic per step: 363 SASS instructions a step against 262,
+    tools/inspect_kernels.py.) Unmasked: both tables have a multiple of 4 groups (padding
+    holds 1.0), the rows are valid indices and callers never ask for groups past the last step
+    (see `mxfp4_rows_dot`): the tables end right after it, the last one of an allocation
+    included. WIDE: 64-bit row offsets, for scale tables of 2^31 entries or more.
     """
+    q = g + tl.arange(0, 4)
     if WIDE:
         w_rows = w_rows.to(tl.int64)
-    if not SPLIT:
-        w_base = w_scale_ptr + w_rows * stride_ws_n + g
-        a_base = a_scale_ptr + a_rows * stride_as_m + g
-        return (tl.load(w_base).to(tl.float32), tl.load(w_base + 1).to(tl.float32),
-                tl.load(w_base + 2).to(tl.float32), tl.load(w_base + 3).to(tl.float32),
-                tl.load(a_base), tl.load(a_base + 1), tl.load(a_base + 2), tl.load(a_base + 3))
-    q = g + tl.arange(0, 4)
     sw = tl.load(w_scale_ptr + w_rows[:, None] * stride_ws_n + q[None, :]).to(tl.float32)
     sa = tl.load(a_scale_ptr + a_rows[:, None] * stride_as_m + q[None, :])
     # [rows, 4] -> four [rows] vectors: groups (0, 2) and (1, 3) by the first split.
@@ -157,12 +147,12 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n,
     PTX_DECODE:  decode four bytes per instruction with inline PTX (not in the interpreter).
     WIDE_SCALES: 64-bit offsets into the scale tables (see `_group_scales`).
     ISSUE_AHEAD: narrow row tiles (decode): the step's four MMAs go out back to back (see
-                 `_step_dot`), each step loads the next step's scales, and the scales are
-                 loaded per group, not split from one vector per row (see `_group_scales`).
+                 `_step_dot`) and each step loads the next step's scales.
 
     One step covers 128 of K: two packed chunks, four scale groups; only a last partial step
     masks its loads. The compiler pipelines the tile loads (they feed the tensor cores) but not
-    the small scale vectors; loading them a step ahead hides their latency behind a step of work.
+    the small scale vectors, which it loads straight into the accumulator's layout; loading them
+    a step ahead hides their latency behind a step of work.
     """
     acc = tl.zeros((w_rows.shape[0], a_rows.shape[0]), dtype=tl.float32)
     offs = tl.arange(0, 32)
@@ -179,11 +169,11 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n,
     last_group = 4 * (tl.cdiv(k_size, 128) - 1)
     if ISSUE_AHEAD:
         sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
-            w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, 0, WIDE_SCALES, SPLIT=False)
+            w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, 0, WIDE_SCALES)
         for step in range(0, full_steps):
             nw0, nw1, nw2, nw3, na0, na1, na2, na3 = _group_scales(
                 w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m,
-                tl.minimum(4 * step + 4, last_group), WIDE_SCALES, SPLIT=False)
+                tl.minimum(4 * step + 4, last_group), WIDE_SCALES)
             acc = _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
                             False, PTX_DECODE, ISSUE_AHEAD)
             sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = nw0, nw1, nw2, nw3, na0, na1, na2, na3
@@ -192,11 +182,11 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n,
         # scales of two steps would not fit in registers; load each step's own.
         for step in range(0, full_steps):
             sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
-                w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, 4 * step, WIDE_SCALES, SPLIT=True)
+                w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, 4 * step, WIDE_SCALES)
             acc = _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
                             False, PTX_DECODE, ISSUE_AHEAD)
         sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
-            w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, last_group, WIDE_SCALES, SPLIT=True)
+            w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, last_group, WIDE_SCALES)
     if k_size % 128 != 0:
         acc = _step_dot(acc, w_base, a_base, full_steps, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
                         True, PTX_DECODE, ISSUE_AHEAD)
