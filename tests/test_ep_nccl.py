@@ -376,3 +376,41 @@ def test_ep_on_gpus_with_nccl(tmp_path):
                       env={"NCCL_NVLS_ENABLE": "0"})   # DESIGN.md section 8: NVLink multicast stays off
     for case in cases:
         _check_against_ep1(case, ranks, "cuda:0", bitwise=False)
+
+
+class _FakeWork:
+    """A torch.distributed Work that completes `done_after_s` after it is made (None: never)."""
+
+    def __init__(self, done_after_s):
+        self.done_at = None if done_after_s is None else time.monotonic() + done_after_s
+
+    def wait(self, timeout):
+        left = timeout.total_seconds()
+        if self.done_at is not None and self.done_at - time.monotonic() <= left:
+            time.sleep(max(self.done_at - time.monotonic(), 0.0))
+            return True
+        time.sleep(left)
+        return False
+
+
+def test_the_waits_of_one_call_share_one_timeout(monkeypatch):
+    """A collective that completes late leaves the next one only the rest of MEGAMOE_TIMEOUT_S: the
+    call raises once the timeout has passed since its start, not a second timeout later (a peer
+    killed inside a ring all_gather had left one survivor waiting 20.5 s with a timeout of 10)."""
+    from megamoe.comm.wait import Deadline, wait_for
+
+    monkeypatch.setenv("MEGAMOE_TIMEOUT_S", "0.6")
+    start = time.monotonic()
+    deadline = Deadline()
+    wait_for(_FakeWork(0.4), "first", deadline)
+    with pytest.raises(TimeoutError, match=r"second: not complete within 0.6 s \(MEGAMOE_TIMEOUT_S\)"):
+        wait_for(_FakeWork(None), "second", deadline)
+    assert 0.6 <= time.monotonic() - start < 0.9
+
+    # Past the deadline, a collective that has completed meanwhile is still taken.
+    wait_for(_FakeWork(0.0), "third", deadline)
+    # Without a deadline, each wait has the whole timeout.
+    start = time.monotonic()
+    wait_for(_FakeWork(0.4), "fourth")
+    wait_for(_FakeWork(0.4), "fifth")
+    assert time.monotonic() - start >= 0.8

@@ -21,8 +21,9 @@ R ranks, E_l = E / R local experts and T tokens of K slots on this rank:
 Each returned row is bitwise the row EP = 1 computes for that (token, slot): L1 and L2 results
 do not depend on which other rows share a tile, and combine sums the slots in slot order.
 
-Every collective is waited for on the host with a timeout (`comm.wait.wait_for`), so a rank
-that never arrives makes the others raise TimeoutError. The host synchronisation of step 2
+Every collective is waited for on the host (`comm.wait.wait_for`), all of a call's waits within
+one MEGAMOE_TIMEOUT_S from its start, so a rank that never arrives makes the others raise
+TimeoutError within the timeout. The host synchronisation of step 2
 means a call cannot be captured in a CUDA graph; inside one node the symm backend is the
 capturable path.
 """
@@ -37,7 +38,7 @@ from ..experts import ExpertOptions, expand_scales, run_experts, run_experts_tor
 from ..formats import SCALE_GROUP
 from ..kernels.combine import combine
 from ..kernels.launch import use_triton
-from .wait import wait_for
+from .wait import Deadline, wait_for
 
 
 class NcclBackend:
@@ -51,6 +52,7 @@ class NcclBackend:
         if y.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("mega_moe: the nccl backend reads the exchanged row counts on the host, so it "
                                "cannot run inside CUDA-graph capture; call it eagerly")
+        deadline = Deadline()
         rank, ranks, rec = buf.rank, buf.num_ranks, self.record
         tokens, k = y.shape[0], buf.num_topk
         entries = tokens * k
@@ -80,7 +82,7 @@ class NcclBackend:
             buf.topk_weights.view(-1)[order]
 
         # 2. Counts to the host.
-        wait_for(work, f"mega_moe (rank {rank}): all_gather of the send counts")
+        wait_for(work, f"mega_moe (rank {rank}): all_gather of the send counts", deadline)
         matrix = buf.count_matrix.tolist()
         send_splits = matrix[rank]
         recv_splits = [row[rank] for row in matrix]
@@ -98,7 +100,7 @@ class NcclBackend:
         recv = buf.recv_rows[:n_recv]
         work = dist.all_to_all_single(recv, records[:n_send], recv_splits, send_splits, group=self.group,
                                       async_op=True)
-        wait_for(work, f"mega_moe (rank {rank}): dispatch all_to_all_single")
+        wait_for(work, f"mega_moe (rank {rank}): dispatch all_to_all_single", deadline)
 
         # 4. Experts.
         if n_recv:
@@ -117,7 +119,7 @@ class NcclBackend:
         returned = buf.send_rows.view(-1)[: n_send * 2 * buf.hidden].view(n_send, 2 * buf.hidden)
         work = dist.all_to_all_single(returned, buf.recv_out[:n_recv].view(torch.uint8), send_splits, recv_splits,
                                       group=self.group, async_op=True)
-        wait_for(work, f"mega_moe (rank {rank}): return all_to_all_single")
+        wait_for(work, f"mega_moe (rank {rank}): return all_to_all_single", deadline)
 
         # 6. Combine.
         if tokens:
