@@ -113,8 +113,11 @@ def test_pre_dispatch_is_exact(case, device):
     assert int(buf.meta[0]) == t
 
 
+@pytest.mark.parametrize("single", [True, False], ids=["one-program", "count+scatter"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[5]], ids=str)
-def test_plan_metadata_is_exact(case, device):
+def test_plan_metadata_is_exact(case, single, device, monkeypatch):
+    """Both plans: one program for small tables (every case here fits), count + scatter otherwise."""
+    monkeypatch.setattr(megamoe.kernels.plan, "SINGLE_PROGRAM", single)
     p, buf, _, _, _ = run_case(case, device)
     p, buf = p.to("cpu"), {name: getattr(buf, name).cpu() for name in ("expert_count", "expert_offsets", "sorted_rows")}
     flat = p.topk_idx.reshape(-1)
@@ -128,6 +131,16 @@ def test_plan_metadata_is_exact(case, device):
         got = buf["sorted_rows"][offsets[e]:offsets[e + 1]].sort().values
         expected = (flat == e).nonzero().flatten().int()
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[4]], ids=str)
+def test_layer_with_the_general_plan(case, device, monkeypatch):
+    """The count + scatter plan (the symm backend's, and EP = 1's past one program) end to end."""
+    monkeypatch.setattr(megamoe.kernels.plan, "SINGLE_PROGRAM", False)
+    p, _, _, y, added = run_case(case, device)
+    ref, counts = reference(case, p)
+    assert torch.equal(added, counts)
+    assert relative_error(y, ref) <= LAYER_KERNEL_VS_REFERENCE
 
 
 def test_reruns_are_bitwise_identical(device):

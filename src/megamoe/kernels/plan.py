@@ -1,6 +1,7 @@
 """plan: which rows each local expert receives, computed on the device with no host sync.
 
-Two launches over the (rank, token, slot) entries of the routing table:
+Two launches (and a memset of the counts) over the (rank, token, slot) entries of the routing
+table:
   count:   expert_count[e] += 1 per entry routed to local expert e; the atomic's old value is
            the entry's position within its expert (slot_rank). With PEERS (the symm backend)
            the routing table is every rank's topk_idx, read through the ranks' buffer base
@@ -12,9 +13,16 @@ Two launches over the (rank, token, slot) entries of the routing table:
            receive capacity (only when a token's slots repeat a local expert) are dropped and
            counted in meta, so nothing is written out of bounds.
 
-The order of rows within an expert depends on atomic timing, but no output does: each row's
-GEMM result is independent of its position in a tile, and the combine sums slots in slot order.
-Entries with ids outside [-1, num_experts) are skipped and counted in meta.
+Small tables (decode at EP = 1: T * K entries within one [BLOCK] program, e.g. 64 for v4-flash's
+256 experts) take one launch instead: one program counts, ranks (each entry's position is the
+number of earlier entries of its expert, a prefix sum over the [BLOCK, BLOCK_E] one-hot table)
+and scatters, with no atomics and no memset. At one token the three launches of the general
+path are about 6.6 us of a 67 us call (H100, docs/PERF.md).
+
+The order of rows within an expert depends on atomic timing (entry order in the one-program
+plan), but no output does: each row's GEMM result is independent of its position in a tile, and
+the combine sums slots in slot order. Entries with ids outside [-1, num_experts) are skipped
+and counted in meta.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import triton.language as tl
 from ..buffer import META_BAD_EXPERT_IDS, META_DROPPED_ROWS, META_FAILED, META_NUM_TOKENS
 
 BLOCK = 1024
+SINGLE_PROGRAM = True
+"""Plan tables that fit one program in one launch (tests turn it off to cover the general path)."""
 
 
 @triton.jit(do_not_specialize=["num_entries"])
@@ -92,6 +102,41 @@ def _plan_scatter_kernel(topk_idx_ptr, expert_count_ptr, slot_rank_ptr, expert_o
             tl.atomic_add(meta_ptr + META_DROPPED, dropped)
 
 
+@triton.jit(do_not_specialize=["num_entries"])
+def _plan_single_kernel(topk_idx_ptr, expert_count_ptr, expert_offsets_ptr, sorted_rows_ptr, recv_stats_ptr,
+                        meta_ptr, num_entries, num_experts, first_expert, num_local_experts, max_rows,
+                        HAS_STATS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+                        META_BAD: tl.constexpr, META_DROPPED: tl.constexpr):
+    """The whole plan of at most BLOCK entries in one program (see the module docstring)."""
+    offs = tl.arange(0, BLOCK)
+    valid = offs < num_entries
+    expert = tl.load(topk_idx_ptr + offs, mask=valid, other=-1)
+    bad = valid & ((expert < -1) | (expert >= num_experts))
+    num_bad = tl.sum(bad.to(tl.int32), axis=0)
+    if num_bad > 0:
+        tl.atomic_add(meta_ptr + META_BAD, num_bad)
+    local = expert - first_expert
+    mine = valid & ~bad & (local >= 0) & (local < num_local_experts)
+    e = tl.arange(0, BLOCK_E)
+    hits = (mine[:, None] & (local[:, None] == e[None, :])).to(tl.int32)          # [BLOCK, BLOCK_E]
+    counts = tl.sum(hits, axis=0)
+    offsets = tl.cumsum(counts, axis=0) - counts
+    # Position = the expert's offset + the entries of the same expert before this one.
+    earlier = tl.cumsum(hits, axis=0) - hits
+    position = tl.sum(hits * (offsets[None, :] + earlier), axis=1)
+    experts = e < num_local_experts
+    tl.store(expert_count_ptr + e, counts, mask=experts)
+    tl.store(expert_offsets_ptr + e, tl.minimum(offsets, max_rows), mask=experts)
+    tl.store(expert_offsets_ptr + num_local_experts, tl.minimum(tl.sum(counts, axis=0), max_rows))
+    if HAS_STATS:
+        stats = tl.load(recv_stats_ptr + e, mask=experts)
+        tl.store(recv_stats_ptr + e, stats + counts, mask=experts)
+    tl.store(sorted_rows_ptr + position, offs, mask=mine & (position < max_rows))
+    dropped = tl.sum((mine & (position >= max_rows)).to(tl.int32), axis=0)
+    if dropped > 0:
+        tl.atomic_add(meta_ptr + META_DROPPED, dropped)
+
+
 def plan(topk_idx: torch.Tensor, num_entries: int, buf, recv_stats: torch.Tensor | None,
          peers: tuple | None = None) -> None:
     """Fill buf.expert_count, expert_offsets, slot_rank and sorted_rows for `num_entries` entries.
@@ -106,6 +151,13 @@ def plan(topk_idx: torch.Tensor, num_entries: int, buf, recv_stats: torch.Tensor
     block_e = triton.next_power_of_2(buf.num_local_experts)
     # The scatter gathers offsets with a [BLOCK, BLOCK_E] compare; keep that tile bounded.
     block = max(16, min(BLOCK, 16384 // block_e))
+    if SINGLE_PROGRAM and peers is None and num_entries <= block:
+        _plan_single_kernel[(1,)](topk_idx, buf.expert_count, buf.expert_offsets, buf.sorted_rows,
+                                  recv_stats if recv_stats is not None else buf.expert_count, buf.meta, num_entries,
+                                  buf.num_experts, first_expert, buf.num_local_experts, buf.max_recv_rows,
+                                  HAS_STATS=recv_stats is not None, BLOCK=block, BLOCK_E=block_e,
+                                  META_BAD=META_BAD_EXPERT_IDS, META_DROPPED=META_DROPPED_ROWS, num_warps=8)
+        return
     grid = (max(1, triton.cdiv(num_entries, block)),)
     buf.expert_count.zero_()
     peer_ptrs, topk_offset, meta_offset = peers if peers is not None else (topk_idx, 0, 0)
