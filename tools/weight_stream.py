@@ -1,25 +1,25 @@
-"""How fast can a Triton program stream MXFP4 weight tiles into FP8 MMAs, by weight layout? (GPU)
+"""How fast can a Triton program stream weight tiles into FP8 MMAs? (GPU)
 
-The decode GEMMs move weights at 1.3-1.5 TB/s on an H100 (45-50% of its copy bandwidth) however
-many programs an SM holds and however few instructions the K loop has (docs/PERF.md, v7/v8).
-One candidate is the access pattern: each 128-wide K step of a 64-row weight tile reads 64
-bytes from each of 64 rows that lie K/2 bytes apart. This tool streams the same bytes through
-the same load -> tl.dot loop with nothing else in it, in three layouts:
+The decode GEMMs move weights at 1.3-1.5 TB/s on an H100, about half its copy bandwidth, however
+many programs an SM holds and however few instructions the K loop has (docs/PERF.md). This tool
+streams the bytes of v4-flash's L1 at one token (6 experts x 2I rows x H/2 bytes = 50 MB)
+through a bare load -> tl.dot loop with nothing else in it, in several variants, next to a
+device copy and a plain read-only kernel of the same size:
 
-    rows     the layout before v9: step s of a tile reads bytes [64 s, 64 s + 64) of 64 rows
+    rows     the layout before v9: step s of a tile reads bytes [64 s, 64 s + 64) of its rows
     rows128  the same rows, 128 bytes a row per step (half the steps)
     tiled    the kernels' layout since v9 (weights.py): each step's 32 rows x 64 bytes are one
-             contiguous 2 KB block, so a 64-row tile reads two blocks a step
+             contiguous 2 KB block
 
-and prints GB/s next to a device copy of the same size. If `tiled` or `rows128` streams much
-faster than `rows`, the weight layout is a decode lever (v9 adopted `tiled` before this was
-measured: same SASS, more contiguous loads); if all three sit at the kernels' 1.3-1.5 TB/s, it
-is not.
+and, on `rows`, more pipeline stages, wider tiles, more warps, split K (programs per tile,
+summed with atomics) and TMA loads (host tensor descriptors). Measured on an H100 (2026-11-28,
+docs/PERF.md): the read-only kernel 1.77 TB/s, every streaming variant 0.74-1.21 TB/s, the
+layouts within 3% of each other; the kernels' L1 moved 1.49 TB/s on the same machine.
 
     python tools/weight_stream.py [--experts 6] [--hidden 4096] [--intermediate 2048]
 
-The defaults are v4-flash's L1 at one token: 6 experts x 2I rows x H/2 bytes = 50 MB. Under
-TRITON_INTERPRET=1 it only checks that the three layouts compute the same products.
+Every variant is first checked against float64 products on a small problem. Under
+TRITON_INTERPRET=1 it only runs that check (the interpreter has no TMA).
 """
 
 from __future__ import annotations
