@@ -132,6 +132,18 @@ def test_contract_failure_carries_the_fp32_experts_error(device):
         assert float(failure.split("on this device: ")[1].split()[0]) < LAYER_KERNEL_VS_REFERENCE
 
 
+def test_contract_failure_carries_the_fp32_experts_error_at_ep2(tmp_path):
+    """The same at EP = 2: each failing rank reruns its own tokens through a local EP = 1 buffer
+    holding every expert, with no collective (the other rank need not fail too)."""
+    report = run_stress_ranks(1, 2, seed=0, profile="tiny", tolerance=-1.0, workdir=tmp_path,
+                              env_vars={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}, deadline_s=150)
+    contract = [f for f in report.failures if ": contract: " in f]
+    assert len(contract) == 2, report.summary()
+    for failure in contract:
+        assert "the experts in plain-torch FP32 on this device: " in failure
+        assert float(failure.split("on this device: ")[1].split()[0]) < LAYER_KERNEL_VS_REFERENCE
+
+
 def test_pressure_two_gloo_ranks(tmp_path):
     report = run_stress_ranks(40, 2, seed=0, profile="cpu", tolerance=LAYER_CONTRACT, workdir=tmp_path,
                               env_vars=TORCH_PATH, deadline_s=150)

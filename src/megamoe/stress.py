@@ -463,6 +463,7 @@ class _Stress:
         self.report = report
         self.geometry = None
         self.buf = None
+        self._local = None   # (geometry, EP = 1 buffer, l1, l2) of _local_copy
 
     def _setup(self, geo: Geometry) -> None:
         if geo == self.geometry:
@@ -488,6 +489,8 @@ class _Stress:
     def close(self) -> None:
         if self.buf is not None:
             self.buf.destroy()
+        if self._local is not None:
+            self._local[1].destroy()
 
     def _fail(self, case: StressCase, check: str, detail: str) -> None:
         self.report.fail(f"iteration {case.iteration} (seed {case.seed}) rank {self.rank}: {check}: {detail} "
@@ -509,20 +512,39 @@ class _Stress:
         return y
 
     def _fp32_experts_note(self, case: StressCase, x, idx, weights, ref) -> str:
-        """For a contract failure of the Triton kernels at EP = 1: the same call with the experts
-        in plain-torch FP32 on the same device. Near 0 there, the kernels' own arithmetic is the
+        """For a contract failure of the Triton kernels: the same tokens with the experts in
+        plain-torch FP32 on the same device. Near 0 there, the kernels' own arithmetic is the
         difference: on Hopper the FP8 tensor cores' truncated accumulation (docs/RELIABILITY.md,
-        finding 6). The failure stands either way."""
-        if self.buf.backend.name != "local" or not use_triton(self.device):
+        finding 6). At EP > 1 this rank's tokens go through a local EP = 1 buffer that holds every
+        expert, so no collective is involved and the other ranks need not take part (a failure
+        is usually one rank's). The failure stands either way."""
+        if not use_triton(self.device):
             return ""
-        pre_dispatch(x, idx, weights, self.buf, routed_scaling_factor=case.routed_scaling_factor)
+        buf = self.buf
+        if buf.backend.name != "local":
+            buf, l1, l2 = self._local_copy(case.geometry)
+        else:
+            l1, l2 = self.l1, self.l2
+        pre_dispatch(x, idx, weights, buf, routed_scaling_factor=case.routed_scaling_factor)
         y = torch.full_like(x, float("nan"), dtype=torch.bfloat16)
         opts = ExpertOptions(case.activation, case.activation_clamp)
-        for _, step in self.buf.backend.steps(y, self.l1, self.l2, self.buf, opts, None, fp32_experts=True):
+        for _, step in buf.backend.steps(y, l1, l2, buf, opts, None, fp32_experts=True):
             step()
         err = relative_error(y, ref)
         cause = " (as finding 6: the FP8 tensor cores' accumulation)" if err <= self.tolerance / 10 else ""
         return f"; the experts in plain-torch FP32 on this device: {err:.3e}{cause}"
+
+    def _local_copy(self, geo: Geometry):
+        """An EP = 1 buffer with every expert of `geo` and its transformed weights (built on first use
+        per geometry, for `_fp32_experts_note` at EP > 1)."""
+        if self._local is None or self._local[0] != geo:
+            if self._local is not None:
+                self._local[1].destroy()
+            buf = MegaMoEBuffer(geo.num_experts, geo.num_max_tokens_per_rank, geo.num_topk, geo.hidden,
+                                geo.intermediate, mode=geo.mode, intermediate_sf=geo.intermediate_sf,
+                                device=self.device)
+            self._local = (geo, buf, *transform_weights(self.user_l1, self.user_l2, mode=geo.mode))
+        return self._local[1:]
 
     def _own_bytes(self) -> torch.Tensor:
         """Every byte of the buffer's one allocation that only this rank writes. Over symm a peer
