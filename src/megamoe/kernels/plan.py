@@ -38,6 +38,17 @@ SINGLE_PROGRAM = True
 """Plan tables that fit one program in one launch (tests turn it off to cover the general path)."""
 
 
+@triton.jit
+def _local_entries(expert, valid, num_experts, first_expert, num_local_experts, meta_ptr, META_BAD: tl.constexpr):
+    """(local expert index, routed here) of each entry; ids outside [-1, num_experts) count in meta."""
+    bad = valid & ((expert < -1) | (expert >= num_experts))
+    num_bad = tl.sum(bad.to(tl.int32), axis=0)
+    if num_bad > 0:
+        tl.atomic_add(meta_ptr + META_BAD, num_bad)
+    local = expert - first_expert
+    return local, valid & ~bad & (local >= 0) & (local < num_local_experts)
+
+
 @triton.jit(do_not_specialize=["num_entries"])
 def _plan_count_kernel(topk_idx_ptr, expert_count_ptr, slot_rank_ptr, meta_ptr, num_entries,
                        num_experts, first_expert, num_local_experts,
@@ -58,12 +69,7 @@ def _plan_count_kernel(topk_idx_ptr, expert_count_ptr, slot_rank_ptr, meta_ptr, 
         tl.store(topk_idx_ptr + offs, expert, mask=valid)
     else:
         expert = tl.load(topk_idx_ptr + offs, mask=valid, other=-1)
-    bad = valid & ((expert < -1) | (expert >= num_experts))
-    num_bad = tl.sum(bad.to(tl.int32), axis=0)
-    if num_bad > 0:
-        tl.atomic_add(meta_ptr + META_BAD, num_bad)
-    local = expert - first_expert
-    mine = valid & (local >= 0) & (local < num_local_experts) & ~bad
+    local, mine = _local_entries(expert, valid, num_experts, first_expert, num_local_experts, meta_ptr, META_BAD)
     rank = tl.atomic_add(expert_count_ptr + local, 1, mask=mine)
     tl.store(slot_rank_ptr + offs, rank, mask=mine)
 
@@ -111,12 +117,7 @@ def _plan_single_kernel(topk_idx_ptr, expert_count_ptr, expert_offsets_ptr, sort
     offs = tl.arange(0, BLOCK)
     valid = offs < num_entries
     expert = tl.load(topk_idx_ptr + offs, mask=valid, other=-1)
-    bad = valid & ((expert < -1) | (expert >= num_experts))
-    num_bad = tl.sum(bad.to(tl.int32), axis=0)
-    if num_bad > 0:
-        tl.atomic_add(meta_ptr + META_BAD, num_bad)
-    local = expert - first_expert
-    mine = valid & ~bad & (local >= 0) & (local < num_local_experts)
+    local, mine = _local_entries(expert, valid, num_experts, first_expert, num_local_experts, meta_ptr, META_BAD)
     e = tl.arange(0, BLOCK_E)
     hits = (mine[:, None] & (local[:, None] == e[None, :])).to(tl.int32)          # [BLOCK, BLOCK_E]
     counts = tl.sum(hits, axis=0)
