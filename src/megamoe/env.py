@@ -1,9 +1,10 @@
 """Every environment variable megamoe reads, with its default. The README lists them too.
 
 MEGAMOE_ENABLE        1   0 turns `patch_model` into a no-op (the model keeps its own MoE blocks).
-MEGAMOE_TIMEOUT_S     30  seconds any wait of the multi-rank path may take (the collectives of
-                          the buffer's construction and of each call, the symm backend's
-                          device-side barriers) before TimeoutError.
+MEGAMOE_TIMEOUT_S     30  seconds the waits of the multi-rank path may take before TimeoutError:
+                          the buffer's construction, all the collectives of one nccl-backend
+                          call together (one deadline from the call's start), each device-side
+                          barrier of a symm-backend call.
 TRITON_INTERPRET      0   1 runs the Triton kernels on the CPU through Triton's interpreter (the
                           tests do this); must be set before megamoe is imported. Without it,
                           CPU tensors take the plain-torch path.
