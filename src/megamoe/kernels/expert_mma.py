@@ -56,7 +56,10 @@ def _group_scales(w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_
     a row's four scales of a step are one vector load: 8 bytes of bf16, 16 of fp32. (One load
     per group and row instead, from tables transposed to [groups, rows], took 24 scalar loads
     and their 64-bit address arithmetic per step: 363 SASS instructions a step against 262,
-    tools/inspect_kernels.py.) Unmasked: both tables have a multiple of 4 groups (padding
+    tools/inspect_kernels.py.) The split of [rows, 4] into four vectors in the accumulator's
+    layout goes through shared memory (two CTA barriers a step on sm_90a); four loads per row
+    straight into that layout instead (v8) took fewer barriers and was twice as slow at decode
+    on an H100 (docs/PERF.md). Unmasked: both tables have a multiple of 4 groups (padding
     holds 1.0), the rows are valid indices and callers never ask for groups past the last step
     (see `mxfp4_rows_dot`): the tables end right after it, the last one of an allocation
     included. WIDE: 64-bit row offsets, for scale tables of 2^31 entries or more.
@@ -151,8 +154,7 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n,
 
     One step covers 128 of K: two packed chunks, four scale groups; only a last partial step
     masks its loads. The compiler pipelines the tile loads (they feed the tensor cores) but not
-    the small scale vectors, which it loads straight into the accumulator's layout; loading them
-    a step ahead hides their latency behind a step of work.
+    the small scale vectors; loading them a step ahead hides their latency behind a step of work.
     """
     acc = tl.zeros((w_rows.shape[0], a_rows.shape[0]), dtype=tl.float32)
     offs = tl.arange(0, 32)
