@@ -34,7 +34,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from megamoe.bench.timing import time_eager
-from megamoe.weights import TILE_ROWS
+from megamoe.weights import TILE_ROWS, tile_steps
 
 BLOCK_M = 16
 LAYOUTS = {"rows": (False, 64), "rows128": (False, 128), "tiled": (True, 64)}
@@ -122,19 +122,11 @@ def _read_kernel(src_ptr, out_ptr, n_chunks, CHUNK: tl.constexpr):
     tl.store(out_ptr + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
-def tiled_copy(w_rows: torch.Tensor, step_bytes: int) -> torch.Tensor:
-    """[rows, row_bytes] -> the same bytes with each step of TILE_ROWS rows contiguous."""
-    rows, row_bytes = w_rows.shape
-    t = w_rows.view(rows // TILE_ROWS, TILE_ROWS, row_bytes // step_bytes, step_bytes)
-    return t.permute(0, 2, 1, 3).contiguous().view(-1)
-
-
 def prepare(w_rows: torch.Tensor, v: Variant):
     """The weight argument of variant v for the row-major weights w_rows [rows, row_bytes]."""
-    step_bytes = LAYOUTS[v.layout][1]
     if v.tma:
         return TensorDescriptor.from_tensor(w_rows.view(torch.float8_e4m3fn), [v.block_w, 64])
-    return tiled_copy(w_rows, step_bytes) if LAYOUTS[v.layout][0] else w_rows
+    return tile_steps(w_rows[None]).view(-1) if LAYOUTS[v.layout][0] else w_rows
 
 
 def stream(w, b: torch.Tensor, out: torch.Tensor, rows: int, row_bytes: int, v: Variant) -> None:

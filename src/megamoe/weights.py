@@ -77,6 +77,14 @@ class ExpertWeights:
         return (values * scales).reshape(n, -1)[:, : self.k]
 
 
+def tile_steps(rows: torch.Tensor) -> torch.Tensor:
+    """Packed rows [E, N, S * 64] (bytes of S 128-wide steps) -> the kernels' tiled layout
+    [E, N / TILE_ROWS, S, TILE_ROWS, 64], contiguous: each step of a row tile one block."""
+    e, n, row_bytes = rows.shape
+    steps = row_bytes // (STEP // 2)
+    return rows.view(e, n // TILE_ROWS, TILE_ROWS, steps, STEP // 2).permute(0, 1, 3, 2, 4).contiguous()
+
+
 def _pack_chunks(w_q: torch.Tensor, w_sf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     e, n, half_k = w_q.shape
     k = 2 * half_k
@@ -86,10 +94,9 @@ def _pack_chunks(w_q: torch.Tensor, w_sf: torch.Tensor) -> tuple[torch.Tensor, t
     codes[..., 1:k:2] = w_q >> 4
     chunks = codes.view(e, n, steps * STEP // CHUNK, 2, CHUNK // 2)
     packed = chunks[..., 0, :] | (chunks[..., 1, :] << 4)            # [e, n, chunks, 32]
-    tiled = packed.view(e, n // TILE_ROWS, TILE_ROWS, steps, STEP // 2).permute(0, 1, 3, 2, 4)
     scales = torch.ones((e, n, step_groups(k)), dtype=torch.bfloat16, device=w_sf.device)
     scales[:, :, : k // SCALE_GROUP] = ue8m0_to_float(w_sf).bfloat16()
-    return tiled.contiguous(), scales
+    return tile_steps(packed.reshape(e, n, steps * STEP // 2)), scales
 
 
 def _transform_one(weights, mode: str, name: str) -> ExpertWeights:
