@@ -333,3 +333,10 @@ def test_transform_weights_rejects_rows_off_the_tile():
     (q1, s1), (q2, s2) = _mxfp4(1, 64, 64, 3), _mxfp4(1, 48, 32, 4)
     with pytest.raises(ValueError, match=r"l2_weights: expected a multiple of 32 rows"):
         megamoe.transform_weights((q1, s1), (q2, s2))
+
+
+def test_tile_steps_rejects_partial_tiles_and_steps():
+    from megamoe.weights import tile_steps
+    for shape in [(1, 33, 64), (1, 32, 96)]:
+        with pytest.raises(ValueError, match=r"rows: expected \[E, N, S \* 64\] with N a multiple of 32"):
+            tile_steps(torch.zeros(shape, dtype=torch.uint8))

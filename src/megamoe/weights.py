@@ -81,6 +81,9 @@ def tile_steps(rows: torch.Tensor) -> torch.Tensor:
     """Packed rows [E, N, S * 64] (bytes of S 128-wide steps) -> the kernels' tiled layout
     [E, N / TILE_ROWS, S, TILE_ROWS, 64], contiguous: each step of a row tile one block."""
     e, n, row_bytes = rows.shape
+    if n % TILE_ROWS or row_bytes % (STEP // 2):
+        raise ValueError(f"rows: expected [E, N, S * {STEP // 2}] with N a multiple of {TILE_ROWS}, "
+                         f"got {tuple(rows.shape)}")
     steps = row_bytes // (STEP // 2)
     return rows.view(e, n // TILE_ROWS, TILE_ROWS, steps, STEP // 2).permute(0, 1, 3, 2, 4).contiguous()
 
