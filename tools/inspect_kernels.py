@@ -92,21 +92,21 @@ def variants():
             yield ("l1" + tag, cfg), _l1_swiglu_kernel, L1_TYPES, dict(
                 QUANTIZED=True, HAS_CLAMP=False, INTER_SF_FP32=False, HAS_BIAS=False, GPT_OSS=False, GATHERED=symm,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False,
-                WIDE_SCALES=False, PERSISTENT=symm)
+                WIDE_SCALES=False, PERSISTENT=symm, PDL=True)
             cfg = pick_config("l2", rows_per_expert * 256, 256)
             yield ("l2" + tag, cfg), _l2_kernel, L2_TYPES, dict(
                 QUANTIZED=True, HAS_BIAS=False, GATHERED=symm, REMOTE_OUT=symm, BLOCK_M=cfg.block_m,
                 BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False, WIDE_SCALES=False,
-                PERSISTENT=symm)
+                PERSISTENT=symm, PDL=True)
     if SYMM:
         from megamoe.comm.symm import _barrier_kernel, _gather_kernel
 
         one = GemmConfig(16, 16, 1, 1)
         for phase in (0, 1):
             yield (f"barrier{phase}", one), _barrier_kernel, BARRIER_TYPES, dict(
-                PHASE=phase, NUM_PHASES=2, BLOCK_R=8, META_FAIL=3, INTERPRET=False)
+                PHASE=phase, NUM_PHASES=2, BLOCK_R=8, META_FAIL=3, INTERPRET=False, PDL=True)
         yield ("gather", GemmConfig(16, 16, 4, 1)), _gather_kernel, GATHER_TYPES, dict(
-            QUANTIZED=True, BLOCK_W=512, BLOCK_G=128)
+            QUANTIZED=True, BLOCK_W=512, BLOCK_G=128, PDL=True)
 
 
 def main():

@@ -5,6 +5,8 @@ MEGAMOE_TIMEOUT_S     30  seconds the waits of the multi-rank path may take befo
                           the buffer's construction, all the collectives of one nccl-backend
                           call together (one deadline from the call's start), each device-side
                           barrier of a symm-backend call.
+MEGAMOE_PDL           1   0 launches the kernels of a call without programmatic dependent launch
+                          (kernels/launch.py `pdl_options`; for A/B timing in one run).
 TRITON_INTERPRET      0   1 runs the Triton kernels on the CPU through Triton's interpreter (the
                           tests do this); must be set before megamoe is imported. Without it,
                           CPU tensors take the plain-torch path.
@@ -37,6 +39,10 @@ def timeout_s() -> float:
     if not value > 0:
         raise ValueError(f"MEGAMOE_TIMEOUT_S: expected a positive number of seconds, got {raw!r}")
     return value
+
+
+def pdl() -> bool:
+    return _flag("MEGAMOE_PDL", "1")
 
 
 def triton_interpret() -> bool:

@@ -58,6 +58,8 @@ from .. import env
 from ..buffer import META_FAILED
 from ..experts import ExpertOptions, launch_l1, launch_l2
 from ..kernels.combine import combine
+from ..kernels.common import after_predecessor
+from ..kernels.launch import pdl_options
 from ..kernels.plan import plan
 from .wait import wait_for
 
@@ -114,7 +116,8 @@ def _now_ns(clock_ptr, INTERPRET: tl.constexpr):
 @triton.jit
 def _barrier_kernel(peer_ptrs_ptr, signals_offset, signals_ptr, meta_ptr, error_address, rank, num_ranks,
                     timeout_ns, clock_ptr, PHASE: tl.constexpr, NUM_PHASES: tl.constexpr, BLOCK_R: tl.constexpr,
-                    META_FAIL: tl.constexpr, INTERPRET: tl.constexpr):
+                    META_FAIL: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
+    after_predecessor(PDL)
     epoch_ptr = signals_ptr + NUM_PHASES * num_ranks
     if PHASE == 0:
         epoch = tl.load(epoch_ptr) + 1
@@ -165,7 +168,8 @@ def _barrier_kernel(peer_ptrs_ptr, signals_offset, signals_ptr, meta_ptr, error_
 def _gather_kernel(peer_ptrs_ptr, x_offset, sf_offset, weights_offset, sorted_rows_ptr, expert_offsets_ptr,
                    num_local_experts, recv_x_ptr, recv_scales_ptr, stride_rs_m, recv_weights_ptr,
                    entries_per_rank, num_topk, row_words, sf_words, groups,
-                   QUANTIZED: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_G: tl.constexpr):
+                   QUANTIZED: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr):
+    after_predecessor(PDL)
     total = tl.load(expert_offsets_ptr + num_local_experts)
     w = tl.arange(0, BLOCK_W)
     g = tl.arange(0, BLOCK_G)
@@ -300,7 +304,7 @@ class SymmBackend:
             self.peer_ptrs, self.offsets["signals"], buf.signals, buf.meta, self.error.data_ptr(), self.rank,
             self.num_ranks, timeout_ns, InterpreterClock.tensor() if interpret else buf.signals,
             PHASE=phase, NUM_PHASES=len(PHASES), BLOCK_R=triton.next_power_of_2(self.num_ranks), META_FAIL=META_FAILED,
-            INTERPRET=interpret, num_warps=1)
+            INTERPRET=interpret, num_warps=1, **pdl_options(buf.device))
 
     def forward(self, y: torch.Tensor, l1, l2, buf, opts: ExpertOptions, recv_stats) -> None:
         # mega_moe's checks (buf.check_alive) have already raised any earlier timeout.
@@ -328,7 +332,7 @@ class SymmBackend:
                 buf.recv_x.view(torch.int64), buf.recv_scales, buf.recv_scales.stride(0), buf.recv_weights,
                 cap * k, k, row_bytes // 8, buf.x_sf.shape[1], groups,
                 QUANTIZED=quantized, BLOCK_W=min(1024, triton.next_power_of_2(row_bytes // 8)),
-                BLOCK_G=triton.next_power_of_2(max(groups, 1)), num_warps=4)
+                BLOCK_G=triton.next_power_of_2(max(groups, 1)), num_warps=4, **pdl_options(buf.device))
 
         def combine_own():
             if y.shape[0]:

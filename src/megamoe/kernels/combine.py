@@ -10,13 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import round_to_bf16
-from .launch import use_triton
+from .common import after_predecessor, round_to_bf16
+from .launch import pdl_options, use_triton
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
 def _combine_kernel(rows_ptr, topk_idx_ptr, y_ptr, num_tokens, hidden, num_experts, stride_y_t,
-                    NUM_TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
+                    NUM_TOPK: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    after_predecessor(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < hidden
@@ -51,5 +52,5 @@ def combine(rows: torch.Tensor, topk_idx: torch.Tensor, y: torch.Tensor, num_exp
     block_h = min(COMBINE_BLOCK_H, triton.next_power_of_2(hidden))
     _combine_kernel[(tokens, triton.cdiv(hidden, block_h))](
         rows, topk_idx, y, tokens, hidden, num_experts, y.stride(0),
-        NUM_TOPK=num_topk, BLOCK_H=block_h, num_warps=4,
+        NUM_TOPK=num_topk, BLOCK_H=block_h, num_warps=4, **pdl_options(y.device),
     )

@@ -132,3 +132,14 @@ def find_expert_tile(expert_offsets_ptr, num_experts, tile_id, BLOCK_M: tl.const
     row_start = tl.sum(tl.where(this, lo, 0), axis=0) + (tile_id - tile_begin) * BLOCK_M
     row_end = tl.sum(tl.where(this, hi, 0), axis=0)
     return expert, row_start, row_end
+
+
+@triton.jit
+def after_predecessor(PDL: tl.constexpr):
+    """First thing in every program of a kernel launched with `launch.pdl_options`: wait until
+    the kernel before it on the stream has finished and its writes are visible, then allow the
+    next kernel's launch. Every program waits, also those with no work: a kernel's completion
+    then implies its predecessor's, so the stream's order holds across a chain of such kernels."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (count_expert_tiles, find_expert_tile, quantize_groups_fp32, quantize_groups_ue8m0, round_to_bf16,
+from .common import (after_predecessor, count_expert_tiles, find_expert_tile, quantize_groups_fp32, quantize_groups_ue8m0, round_to_bf16,
                      ue8m0_to_fp32)
 from .expert_mma import expert_rows_dot
 
@@ -107,8 +107,9 @@ def _l1_swiglu_kernel(
     QUANTIZED: tl.constexpr, HAS_CLAMP: tl.constexpr, INTER_SF_FP32: tl.constexpr,
     HAS_BIAS: tl.constexpr, GPT_OSS: tl.constexpr, GATHERED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, PERSISTENT: tl.constexpr,
+    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
 ):
+    after_predecessor(PDL)
     # Tiles are counted on the device. The host sizes the grid to the most tiles the entries can
     # need, so program i takes tile i; or, PERSISTENT, it caps the grid (the symm backend: no
     # tight host bound on the received rows exists) and each program takes every

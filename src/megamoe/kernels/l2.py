@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import count_expert_tiles, find_expert_tile, round_to_bf16
+from .common import after_predecessor, count_expert_tiles, find_expert_tile, round_to_bf16
 from .expert_mma import expert_rows_dot
 
 
@@ -66,8 +66,9 @@ def _l2_kernel(
     peer_ptrs_ptr, out_offset, entries_per_rank,
     QUANTIZED: tl.constexpr, HAS_BIAS: tl.constexpr, GATHERED: tl.constexpr, REMOTE_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, PERSISTENT: tl.constexpr,
+    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
 ):
+    after_predecessor(PDL)
     # Tiles are counted on the device; one per program, or looped over when PERSISTENT (as in L1).
     num_tiles = count_expert_tiles(expert_offsets_ptr, num_local_experts, BLOCK_M, BLOCK_E) * num_cols_tiles
     if PERSISTENT:

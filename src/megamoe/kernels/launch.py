@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
+import functools
+
 import torch
 
 from .. import env
@@ -34,3 +36,22 @@ def device_guard(t: torch.Tensor):
 def use_triton(device: torch.device) -> bool:
     """Triton kernels run on CUDA devices, and on the CPU under TRITON_INTERPRET=1."""
     return device.type == "cuda" or env.triton_interpret()
+
+
+@functools.cache
+def _has_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl_options(device: torch.device) -> dict:
+    """Launch arguments for programmatic dependent launch (PDL, sm_90 and later).
+
+    With them a kernel may be launched while the kernel before it on the stream still runs; its
+    programs start with `common.after_predecessor`, which waits for that kernel (and so, one
+    by one, for every earlier one) before touching memory. What overlaps is the launch and the
+    scheduling of the next kernel's programs with this kernel's tail. Off on the CPU, before
+    sm_90 and with MEGAMOE_PDL=0; every kernel of a call takes the PDL constexpr.
+    """
+    if device.type == "cuda" and env.pdl() and not env.triton_interpret() and _has_pdl(device.index or 0):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}

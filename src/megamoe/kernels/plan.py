@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 
 from ..buffer import META_BAD_EXPERT_IDS, META_DROPPED_ROWS, META_FAILED, META_NUM_TOKENS
+from .common import after_predecessor
+from .launch import pdl_options
 
 BLOCK = 1024
 SINGLE_PROGRAM = True
@@ -54,7 +56,8 @@ def _plan_count_kernel(topk_idx_ptr, expert_count_ptr, slot_rank_ptr, meta_ptr, 
                        num_experts, first_expert, num_local_experts,
                        peer_ptrs_ptr, topk_offset, meta_offset, entries_per_rank, num_topk,
                        BLOCK: tl.constexpr, META_BAD: tl.constexpr, META_TOKENS: tl.constexpr,
-                       META_FAIL: tl.constexpr, PEERS: tl.constexpr):
+                       META_FAIL: tl.constexpr, PEERS: tl.constexpr, PDL: tl.constexpr):
+    after_predecessor(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < num_entries
     if PEERS:
@@ -78,7 +81,8 @@ def _plan_count_kernel(topk_idx_ptr, expert_count_ptr, slot_rank_ptr, meta_ptr, 
 def _plan_scatter_kernel(topk_idx_ptr, expert_count_ptr, slot_rank_ptr, expert_offsets_ptr,
                          sorted_rows_ptr, recv_stats_ptr, meta_ptr, num_entries, num_experts, first_expert,
                          num_local_experts, max_rows, HAS_STATS: tl.constexpr, BLOCK: tl.constexpr,
-                         BLOCK_E: tl.constexpr, META_DROPPED: tl.constexpr):
+                         BLOCK_E: tl.constexpr, META_DROPPED: tl.constexpr, PDL: tl.constexpr):
+    after_predecessor(PDL)
     pid = tl.program_id(0)
     e = tl.arange(0, BLOCK_E)
     if pid == 0:
@@ -112,8 +116,9 @@ def _plan_scatter_kernel(topk_idx_ptr, expert_count_ptr, slot_rank_ptr, expert_o
 def _plan_single_kernel(topk_idx_ptr, expert_count_ptr, expert_offsets_ptr, sorted_rows_ptr, recv_stats_ptr,
                         meta_ptr, num_entries, num_experts, first_expert, num_local_experts, max_rows,
                         HAS_STATS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
-                        META_BAD: tl.constexpr, META_DROPPED: tl.constexpr):
+                        META_BAD: tl.constexpr, META_DROPPED: tl.constexpr, PDL: tl.constexpr):
     """The whole plan of at most BLOCK entries in one program (see the module docstring)."""
+    after_predecessor(PDL)
     offs = tl.arange(0, BLOCK)
     valid = offs < num_entries
     expert = tl.load(topk_idx_ptr + offs, mask=valid, other=-1)
@@ -152,12 +157,14 @@ def plan(topk_idx: torch.Tensor, num_entries: int, buf, recv_stats: torch.Tensor
     block_e = triton.next_power_of_2(buf.num_local_experts)
     # The scatter gathers offsets with a [BLOCK, BLOCK_E] compare; keep that tile bounded.
     block = max(16, min(BLOCK, 16384 // block_e))
+    pdl = pdl_options(topk_idx.device)
     if SINGLE_PROGRAM and peers is None and num_entries <= block:
         _plan_single_kernel[(1,)](topk_idx, buf.expert_count, buf.expert_offsets, buf.sorted_rows,
                                   recv_stats if recv_stats is not None else buf.expert_count, buf.meta, num_entries,
                                   buf.num_experts, first_expert, buf.num_local_experts, buf.max_recv_rows,
                                   HAS_STATS=recv_stats is not None, BLOCK=block, BLOCK_E=block_e,
-                                  META_BAD=META_BAD_EXPERT_IDS, META_DROPPED=META_DROPPED_ROWS, num_warps=8)
+                                  META_BAD=META_BAD_EXPERT_IDS, META_DROPPED=META_DROPPED_ROWS, num_warps=8,
+                                  **pdl)
         return
     grid = (max(1, triton.cdiv(num_entries, block)),)
     buf.expert_count.zero_()
@@ -166,9 +173,9 @@ def plan(topk_idx: torch.Tensor, num_entries: int, buf, recv_stats: torch.Tensor
                              buf.num_experts, first_expert, buf.num_local_experts,
                              peer_ptrs, topk_offset, meta_offset, buf.num_max_tokens_per_rank * buf.num_topk,
                              buf.num_topk, BLOCK=block, META_BAD=META_BAD_EXPERT_IDS, META_TOKENS=META_NUM_TOKENS,
-                             META_FAIL=META_FAILED, PEERS=peers is not None)
+                             META_FAIL=META_FAILED, PEERS=peers is not None, **pdl)
     _plan_scatter_kernel[grid](topk_idx, buf.expert_count, buf.slot_rank, buf.expert_offsets,
                                buf.sorted_rows, recv_stats if recv_stats is not None else buf.expert_count,
                                buf.meta, num_entries, buf.num_experts, first_expert, buf.num_local_experts,
                                buf.max_recv_rows, HAS_STATS=recv_stats is not None, BLOCK=block, BLOCK_E=block_e,
-                               META_DROPPED=META_DROPPED_ROWS)
+                               META_DROPPED=META_DROPPED_ROWS, **pdl)

@@ -14,9 +14,9 @@ import triton
 import triton.language as tl
 
 from ..buffer import META_NUM_TOKENS, MegaMoEBuffer
-from .common import quantize_groups_ue8m0, ue8m0_to_fp32
+from .common import after_predecessor, quantize_groups_ue8m0, ue8m0_to_fp32
 from ..formats import SCALE_GROUP, quantize_fp8, ue8m0_to_float, unpack_ue8m0
-from .launch import check_tensor, device_guard, use_triton
+from .launch import check_tensor, device_guard, pdl_options, use_triton
 
 FILL_BLOCK = 1024
 
@@ -29,8 +29,9 @@ def _pre_dispatch_kernel(
     scaling,
     NUM_TOPK: tl.constexpr, BLOCK_K: tl.constexpr, QUANTIZE: tl.constexpr,
     SF_BYTES: tl.constexpr, SCALES_STRIDE: tl.constexpr, BLOCK_H: tl.constexpr, FILL: tl.constexpr,
-    META_TOKENS: tl.constexpr,
+    META_TOKENS: tl.constexpr, PDL: tl.constexpr,
 ):
+    after_predecessor(PDL)
     pid = tl.program_id(0)
     row = pid.to(tl.int64)
     if pid < num_tokens:
@@ -126,7 +127,7 @@ def pre_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Te
             NUM_TOPK=k, BLOCK_K=triton.next_power_of_2(k), QUANTIZE=quantize,
             SF_BYTES=sf_bytes, SCALES_STRIDE=buf.x_scales.shape[1], BLOCK_H=block_h, FILL=FILL_BLOCK,
             META_TOKENS=META_NUM_TOKENS,
-            num_warps=4,
+            num_warps=4, **pdl_options(x.device),
         )
 
 
