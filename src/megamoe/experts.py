@@ -100,6 +100,11 @@ def _launch(kernel, grid: tuple, persistent: bool, args: tuple, kwargs: dict) ->
     """Launch `kernel`; a persistent one with at most as many programs as the GPU holds at once."""
     kwargs = dict(kwargs, PERSISTENT=persistent)
     if persistent:
+        # Launched after its predecessor has finished (no PDL): the symm backend's persistent L1
+        # and L2 with PDL were 2-7% slower at 64-128 tokens per rank (2 and 4 x H200, 2026-11-28,
+        # docs/EP.md), for 2 us at one token and 2-3% at 4096.
+        kwargs.pop("launch_pdl", None)
+        kwargs["PDL"] = False
         grid = (min(grid[0], _resident_programs(kernel, args, kwargs)),)
     kernel[grid](*args, **kwargs)
 
