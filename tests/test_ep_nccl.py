@@ -203,6 +203,7 @@ def _disagreements(rank, num_ranks, group):
     errors = {
         "hidden": error_of(lambda: make(hidden=96 if rank == 1 else 64)),
         "mode": error_of(lambda: make(mode="bf16xbf16" if rank == 1 else "fp8xfp4")),
+        "mma": error_of(lambda: make(mma="fp16" if rank == 1 else "fp8")),
         "invalid": error_of(lambda: make(max_tokens_per_rank="4" if rank == 1 else 4)),
         "symm": error_of(lambda: make(backend="symm")),
     }
@@ -225,6 +226,7 @@ def test_disagreeing_ranks_raise_everywhere(tmp_path):
     for rank, errors in enumerate(results):
         assert errors["hidden"].startswith("ValueError") and "hidden (rank 0: 64, rank 1: 96)" in errors["hidden"]
         assert "mode (rank 0: 'fp8xfp4', rank 1: 'bf16xbf16')" in errors["mode"]
+        assert "mma (rank 0: 'fp8', rank 1: 'fp16')" in errors["mma"]
         assert "max_tokens_per_rank (rank 0: 4, rank 1: an invalid value)" in errors["invalid"]
         # The CPU symm path runs its kernels in the interpreter; this run is without it.
         assert errors["symm"].startswith("ValueError") and "TRITON_INTERPRET=1" in errors["symm"]

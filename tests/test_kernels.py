@@ -32,11 +32,12 @@ class Case:
     scaling: float = 1.0
     activation: str = "swiglu"
     bias: bool = False
+    mma: str = "fp8"
 
     def __str__(self):
         return (f"H{self.hidden}-I{self.inter}-E{self.experts}-K{self.topk}-T{self.tokens}-{self.routing}"
                 f"-m{self.masked}-{self.mode}-{self.intermediate_sf}-c{self.clamp}-{self.activation}"
-                f"{'-bias' if self.bias else ''}")
+                f"{'-bias' if self.bias else ''}{'-' + self.mma if self.mma != 'fp8' else ''}")
 
 
 CASES = [
@@ -53,6 +54,8 @@ CASES = [
     Case(96, 64, 8, 3, 13, 16, mode="bf16xbf16", activation="gpt_oss", bias=True),
     Case(2880, 64, 4, 2, 3, 4),                                  # gpt-oss hidden, not a multiple of 128
     Case(64, 2880, 4, 2, 3, 4),                                  # gpt-oss intermediate
+    Case(96, 64, 8, 3, 13, 16, masked=0.2, mma="fp16"),          # exact products
+    Case(2880, 64, 4, 2, 3, 4, clamp=0.05, mma="fp16"),          # ... with a partial last K step
 ]
 
 
@@ -62,7 +65,7 @@ def run_case(case: Case, device, seed: int = 0):
     p = make_problem(shape, case.tokens, mode=case.mode, routing=case.routing, masked_ratio=case.masked,
                      seed=seed).to(device)
     buf = megamoe.MegaMoEBuffer(case.experts, case.capacity, case.topk, case.hidden, case.inter, mode=case.mode,
-                                intermediate_sf=case.intermediate_sf, device=device)
+                                intermediate_sf=case.intermediate_sf, mma=case.mma, device=device)
     biases = make_biases(case, seed, device)
     l1, l2 = megamoe.transform_weights(p.l1, p.l2, mode=case.mode, l1_bias=biases[0], l2_bias=biases[1])
     megamoe.pre_dispatch(p.x, p.topk_idx.int(), p.topk_weights, buf, routed_scaling_factor=case.scaling)
@@ -282,6 +285,12 @@ def test_destroyed_buffer_raises(setup):
         megamoe.pre_dispatch(p.x, p.topk_idx, p.topk_weights, buf)
     with pytest.raises(RuntimeError, match="destroyed"):
         megamoe.mega_moe(torch.empty_like(p.x), l1, l2, buf)
+
+
+@pytest.mark.parametrize("kwargs", [dict(mma="bf16"), dict(mma="fp16", mode="bf16xbf16")], ids=str)
+def test_buffer_rejects_bad_mma(kwargs):
+    with pytest.raises(ValueError, match="mma"):
+        megamoe.MegaMoEBuffer(8, 4, 2, 64, 32, device="cpu", **kwargs)
 
 
 # H100/H200 SM: 64K registers, 228 KB shared memory, 2048 threads.

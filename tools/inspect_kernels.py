@@ -1,7 +1,7 @@
 """Compile the fused kernels for sm_90a on a machine without a GPU and report registers,
 spills, shared memory and which MMA instructions the SASS uses.
 
-    python tools/inspect_kernels.py [--sass DIR]
+    python tools/inspect_kernels.py [--sass DIR] [--symm] [--f16-mma]
 
 Triton's wheel carries ptxas and nvdisasm, so this needs no CUDA device: the resource
 report and the disassembly answer most performance questions before any GPU time is spent.
@@ -24,6 +24,7 @@ from megamoe.kernels.l2 import _l2_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 SYMM = False
+F16_MMA = False
 
 
 def _signature(fn, types, constexprs):
@@ -92,12 +93,12 @@ def variants():
             yield ("l1" + tag, cfg), _l1_swiglu_kernel, L1_TYPES, dict(
                 QUANTIZED=True, HAS_CLAMP=False, INTER_SF_FP32=False, HAS_BIAS=False, GPT_OSS=False, GATHERED=symm,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False,
-                WIDE_SCALES=False, PERSISTENT=symm, PDL=True)
+                WIDE_SCALES=False, F16_MMA=F16_MMA, PERSISTENT=symm, PDL=not symm)
             cfg = pick_config("l2", rows_per_expert * 256, 256)
             yield ("l2" + tag, cfg), _l2_kernel, L2_TYPES, dict(
                 QUANTIZED=True, HAS_BIAS=False, GATHERED=symm, REMOTE_OUT=symm, BLOCK_M=cfg.block_m,
                 BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False, WIDE_SCALES=False,
-                PERSISTENT=symm, PDL=True)
+                F16_MMA=F16_MMA, PERSISTENT=symm, PDL=not symm)
     if SYMM:
         from megamoe.comm.symm import _barrier_kernel, _gather_kernel
 
@@ -113,9 +114,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sass", help="write each kernel's PTX and SASS into this folder")
     parser.add_argument("--symm", action="store_true", help="also the symm backend's kernel variants")
+    parser.add_argument("--f16-mma", action="store_true", help="the GEMMs of MegaMoEBuffer(mma='fp16')")
     args = parser.parse_args()
-    global SYMM
+    global SYMM, F16_MMA
     SYMM = args.symm
+    F16_MMA = args.f16_mma
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     nvdisasm, cuobjdump = os.path.join(bin_dir, "nvdisasm"), os.path.join(bin_dir, "cuobjdump")
     for (name, cfg), fn, types, constexprs in variants():

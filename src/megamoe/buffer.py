@@ -68,7 +68,7 @@ import torch
 import torch.distributed as dist
 
 from .formats import SCALE_GROUP, num_sf_words
-from .reference import INTERMEDIATE_SF, MODES, check_intermediate_sf, check_mode
+from .reference import INTERMEDIATE_SF, MMAS, MODES, check_intermediate_sf, check_mma, check_mode
 
 ALIGN = 256
 RECORD_ALIGN = 16
@@ -246,6 +246,12 @@ class MegaMoEBuffer:
     backend:              "auto", "nccl" or "symm" (see `resolve_backend`); with group=None
                           only "auto" (no communication).
     intermediate_sf:      "ue8m0" (power-of-two scales per 32 of I) or "fp32" scales.
+    mma:                  the tensor cores of the fp8xfp4 GEMMs. "fp8" (default): FP8 MMAs,
+                          whose sums inside one MMA are truncated on Hopper: layer errors of
+                          2-3e-3 on the benchmark shapes, rare small cases past 1e-2
+                          (docs/RELIABILITY.md, finding 6). "fp16": the same FP8 operands
+                          converted exactly to FP16, exact products and FP32 sums: errors of
+                          0-1.5e-4 there, 1.2-1.4x the time (H200, docs/PERF.md).
     device:               where to allocate; default: the current CUDA device, else the CPU.
                           With a group, the collectives run on tensors of this device.
 
@@ -258,7 +264,7 @@ class MegaMoEBuffer:
 
     def __init__(self, num_experts: int, max_tokens_per_rank: int, num_topk: int, hidden: int,
                  intermediate: int, group=None, mode: str = "fp8xfp4", *, backend: str = "auto",
-                 intermediate_sf: str = "ue8m0", device: str | torch.device | None = None):
+                 intermediate_sf: str = "ue8m0", mma: str = "fp8", device: str | torch.device | None = None):
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("MegaMoEBuffer: cannot allocate or rendezvous during CUDA-graph capture; "
                                "create it before capturing")
@@ -284,8 +290,9 @@ class MegaMoEBuffer:
             one_cuda_node = _check_ranks_agree(group, self.rank, self.num_ranks, self.device, {
                 "num_experts": num_experts, "max_tokens_per_rank": max_tokens_per_rank, "num_topk": num_topk,
                 "hidden": hidden, "intermediate": intermediate, "mode": mode,
-                "intermediate_sf": intermediate_sf, "backend": backend})
+                "intermediate_sf": intermediate_sf, "mma": mma, "backend": backend})
         self.group = group
+        check_mma(mma, mode)
         self.regions = buffer_layout(num_experts, max_tokens_per_rank, num_topk, hidden, intermediate,
                                      self.num_ranks, mode, intermediate_sf, backend, one_cuda_node)
         resolved = resolve_backend(backend, self.num_ranks, one_cuda_node)
@@ -296,6 +303,7 @@ class MegaMoEBuffer:
         self.intermediate = intermediate
         self.mode = mode
         self.intermediate_sf = intermediate_sf
+        self.mma = mma
         self.num_local_experts = num_experts // self.num_ranks
         self.nbytes = self.regions[-1].offset + self.regions[-1].nbytes
         symmetric = None
@@ -400,7 +408,7 @@ class MegaMoEBuffer:
 
 
 # Arguments every rank must pass alike; choice arguments travel as their index in the tuple.
-_AGREED_CHOICES = {"mode": MODES, "intermediate_sf": INTERMEDIATE_SF, "backend": BACKENDS}
+_AGREED_CHOICES = {"mode": MODES, "intermediate_sf": INTERMEDIATE_SF, "mma": MMAS, "backend": BACKENDS}
 _INVALID = -1
 _INT64_MAX = 2**63 - 1
 

@@ -187,8 +187,8 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         INTER_SF_FP32=buf.intermediate_sf == "fp32",
         HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", GATHERED=gathered,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(), WIDE_SCALES=wide, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_register_cap("l1", persistent and quantized, cfg), **pdl_options(buf.device),
+        UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16", num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **_register_cap("l1", persistent and quantized, cfg), **pdl_options(buf.device),
     )
     _launch(_l1_swiglu_kernel, grid, persistent, args, kwargs)
 
@@ -241,8 +241,8 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
     kwargs = dict(
         QUANTIZED=quantized, HAS_BIAS=l2.bias is not None, GATHERED=gathered, REMOTE_OUT=remote is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(), WIDE_SCALES=wide, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_register_cap("l2", persistent and quantized, cfg), **pdl_options(buf.device),
+        UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16", num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **_register_cap("l2", persistent and quantized, cfg), **pdl_options(buf.device),
     )
     _launch(_l2_kernel, grid, persistent, args, kwargs)
 

@@ -26,6 +26,7 @@ from . import formats
 
 MODES = ("fp8xfp4", "bf16xbf16")
 INTERMEDIATE_SF = ("ue8m0", "fp32")
+MMAS = ("fp8", "fp16")
 ACTIVATIONS = ("swiglu", "gpt_oss")
 GPT_OSS_ALPHA = 1.702
 """gpt-oss's gate slope: act = gate * sigmoid(1.702 * gate) * (up + 1)."""
@@ -71,6 +72,14 @@ def check_mode(mode: str) -> None:
 def check_intermediate_sf(intermediate_sf: str) -> None:
     if intermediate_sf not in INTERMEDIATE_SF:
         raise ValueError(f"intermediate_sf: expected one of {INTERMEDIATE_SF}, got {intermediate_sf!r}")
+
+
+def check_mma(mma: str, mode: str) -> None:
+    if mma not in MMAS:
+        raise ValueError(f"mma: expected one of {MMAS}, got {mma!r}")
+    if mma != "fp8" and mode != "fp8xfp4":
+        raise ValueError(f"mma: {mma!r} chooses the tensor cores of mode 'fp8xfp4'; mode {mode!r} multiplies "
+                         "in bfloat16 (leave mma='fp8')")
 
 
 def check_expert_weights(weights, mode: str, name: str) -> tuple[int, int, int]:

@@ -93,7 +93,7 @@ from .formats import quantize_fp8
 from .kernels.launch import use_triton
 from .kernels.pre_dispatch import pre_dispatch
 from .moe import mega_moe
-from .reference import mega_moe_reference
+from .reference import MMAS, mega_moe_reference
 from .testing import relative_error
 from .weights import transform_weights
 
@@ -454,9 +454,10 @@ class _Stress:
     """One rank's pressure run: the current geometry's buffer and weights, and the checks."""
 
     def __init__(self, group, device: torch.device, tolerance: float, report: StressReport,
-                 ep_backend: str = "auto"):
+                 ep_backend: str = "auto", mma: str = "fp8"):
         self.group = group
         self.ep_backend = ep_backend
+        self.mma = mma
         self.rank = dist.get_rank(group) if group is not None else 0
         self.device = device
         self.tolerance = tolerance
@@ -476,7 +477,8 @@ class _Stress:
         self.user_l2 = random_expert_weights(e, h, i, geo.mode, gen)
         self.buf = MegaMoEBuffer(e, geo.num_max_tokens_per_rank, geo.num_topk, h, i, group=self.group, mode=geo.mode,
                                  intermediate_sf=geo.intermediate_sf, device=self.device,
-                                 backend=self.ep_backend if self.group is not None else "auto")
+                                 backend=self.ep_backend if self.group is not None else "auto",
+                                 mma=self.mma if geo.mode == "fp8xfp4" else "fp8")
         local = self.buf.num_local_experts
         first = self.rank * local
 
@@ -660,11 +662,12 @@ def default_device() -> torch.device:
 
 def run_stress(iterations: int, *, seed: int = 0, start: int = 0, profile: str = "cpu", group=None,
                device: str | torch.device | None = None, tolerance: float = CONTRACT_RELATIVE_ERROR,
-               block_len: int = 4, progress=None, ep_backend: str = "auto") -> StressReport:
+               block_len: int = 4, progress=None, ep_backend: str = "auto", mma: str = "fp8") -> StressReport:
     """Iterations start .. start + iterations - 1 of `seed` on this process (module docstring).
 
     group: None for EP = 1; else every rank of the process group calls this with the same
     arguments (the calls are collective), and ep_backend is the buffers' backend.
+    mma: the buffers' `mma` in the fp8xfp4 cases (MegaMoEBuffer).
     progress: None, or a function called with (iterations done, report) after each iteration.
     Returns this rank's StressReport; failures are recorded, never raised.
     """
@@ -672,7 +675,7 @@ def run_stress(iterations: int, *, seed: int = 0, start: int = 0, profile: str =
     prof = PROFILES[profile]
     num_ranks = dist.get_world_size(group) if group is not None else 1
     report = StressReport()
-    runner = _Stress(group, device, tolerance, report, ep_backend)
+    runner = _Stress(group, device, tolerance, report, ep_backend, mma)
     begin = time.monotonic()
     try:
         for i in range(start, start + iterations):
@@ -701,7 +704,7 @@ def _stress_rank(rank, num_ranks, group, iterations, kwargs):
 def run_stress_ranks(iterations: int, num_ranks: int, *, seed: int = 0, start: int = 0, profile: str = "cpu",
                      backend: str = "gloo", tolerance: float = CONTRACT_RELATIVE_ERROR, block_len: int = 4,
                      workdir: str | Path | None = None, deadline_s: float = 3600.0,
-                     env_vars: dict | None = None, ep_backend: str = "auto") -> StressReport:
+                     env_vars: dict | None = None, ep_backend: str = "auto", mma: str = "fp8") -> StressReport:
     """`run_stress` on `num_ranks` spawned ranks (EP = R): gloo on the CPU, nccl on R GPUs.
 
     ep_backend: the buffers' backend ("auto", "nccl" or "symm"; on the CPU symm needs
@@ -710,7 +713,7 @@ def run_stress_ranks(iterations: int, num_ranks: int, *, seed: int = 0, start: i
     Returns the merged report; a rank that died or hung is recorded as a failure.
     """
     kwargs = dict(seed=seed, start=start, profile=profile, tolerance=tolerance, block_len=block_len,
-                  device_type="cuda" if backend == "nccl" else "cpu", ep_backend=ep_backend)
+                  device_type="cuda" if backend == "nccl" else "cpu", ep_backend=ep_backend, mma=mma)
     with _workdir(workdir) as wd:
         outcomes = spawn_ranks(_stress_rank, num_ranks, iterations, kwargs, workdir=wd, backend=backend,
                                env_vars=env_vars, deadline_s=deadline_s)
@@ -1269,6 +1272,8 @@ def add_cli_arguments(p) -> None:
                    help="buffer backend with --ranks > 1 (default auto: symm on GPUs of one node, nccl on the CPU; "
                         "symm on the CPU needs TRITON_INTERPRET=1)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--mma", choices=MMAS, default="fp8",
+                   help="MegaMoEBuffer(mma=...) of the fp8xfp4 cases (default fp8; fp16: exact products)")
     p.add_argument("--tolerance", type=float, default=CONTRACT_RELATIVE_ERROR,
                    help=f"relative error allowed against the reference (default {CONTRACT_RELATIVE_ERROR:g}, "
                         "the precision contract)")
@@ -1318,7 +1323,7 @@ def run_cli(args) -> int:
     else:
         profile = args.profile or ("gpu" if use_cuda else "cpu")
         print(f"megamoe stress: {args.iterations} iterations from {args.start}, seed {args.seed}, profile {profile}, "
-              f"{args.ranks} rank(s){f' ({args.ep_backend} backend)' if args.ranks > 1 else ''}, "
+              f"{args.ranks} rank(s){f' ({args.ep_backend} backend)' if args.ranks > 1 else ''}, mma {args.mma}, "
               f"{'CUDA' if use_cuda else 'CPU'} "
               f"({'Triton interpreter' if env.triton_interpret() else 'kernels' if use_cuda else 'plain torch'})")
         every = max(1, args.iterations // 20)
@@ -1330,11 +1335,12 @@ def run_cli(args) -> int:
         if args.ranks > 1:
             report = run_stress_ranks(args.iterations, args.ranks, seed=args.seed, start=args.start, profile=profile,
                                       backend=backend, tolerance=args.tolerance, block_len=args.block_len,
-                                      env_vars=nccl_env, deadline_s=args.deadline, ep_backend=args.ep_backend)
+                                      env_vars=nccl_env, deadline_s=args.deadline, ep_backend=args.ep_backend,
+                                      mma=args.mma)
         else:
             report = run_stress(args.iterations, seed=args.seed, start=args.start, profile=profile,
                                 device=args.device, tolerance=args.tolerance, block_len=args.block_len,
-                                progress=progress)
+                                progress=progress, mma=args.mma)
         print(report.summary())
         out, failed = report.to_dict(), report.num_failures
     if args.json:

@@ -4,7 +4,7 @@ Times CUDA-graph replays of growing prefixes of the call (pre_dispatch; + plan; 
 + combine) over rotating input sets and reports each stage as the difference, per config
 variant. This is METHOD.md's "time variants that leave one stage out".
 
-    python -m megamoe.bench.breakdown --shape v4-flash --tokens 1,64 --variants default,m16n32
+    python -m megamoe.bench.breakdown --shape v4-flash --tokens 1,64 --variants default,m16n32 [--mma fp16]
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ VARIANTS = {
 STAGES = ("pre_dispatch", "plan", "l1", "l2", "combine")
 
 
-def breakdown(shape_name: str, tokens_list, variants, n_sets: int = 4, log=print):
+def breakdown(shape_name: str, tokens_list, variants, n_sets: int = 4, log=print, mma: str = "fp8"):
     shape = MODEL_SHAPES[shape_name]
     device = torch.device("cuda")
     problem = make_problem(shape, 1, device=device, seed=0)
     l1, l2 = transform_weights(problem.l1, problem.l2)
-    buf = MegaMoEBuffer(shape.num_experts, max(tokens_list), shape.num_topk, shape.hidden, shape.intermediate)
+    buf = MegaMoEBuffer(shape.num_experts, max(tokens_list), shape.num_topk, shape.hidden, shape.intermediate,
+                        mma=mma)
     opts = ExpertOptions()
     g = torch.Generator(device=device).manual_seed(7)
     k = shape.num_topk
@@ -86,10 +87,11 @@ def main(argv=None):
     parser.add_argument("--shape", default="v4-flash")
     parser.add_argument("--tokens", default="1,64")
     parser.add_argument("--variants", default="default")
+    parser.add_argument("--mma", default="fp8", help="MegaMoEBuffer(mma=...): fp8 or fp16")
     args = parser.parse_args(argv)
     print(HEADER, flush=True)
     rows = breakdown(args.shape, [int(t) for t in args.tokens.split(",")], args.variants.split(","),
-                     log=lambda s: print(s, flush=True))
+                     log=lambda s: print(s, flush=True), mma=args.mma)
     print("\n" + HEADER)
     for r in rows:
         print(format_row(r))

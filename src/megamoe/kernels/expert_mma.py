@@ -12,6 +12,14 @@ nibbles, see `weights.py`), multiplied with the matching 32 columns of the FP8 a
 Every group of 32 has its own weight scale (per row n) and activation scale (per row m), so
 the partial product of each group is promoted into the accumulator with scale
 2^(ew - 127) * 2^(ea - 127); the decode's 2^-6 (see `decode_e2m1_pair`) is undone at the end.
+
+Which tensor cores multiply (the buffer's `mma`): FP8 MMAs by default. On Hopper their sums
+inside one MMA are truncated (a k = 32 MMA is off the exact sum by 2.8e-5 of sum |a_k b_k| at
+the median, H200; DeepSeek-V3's report describes the same on H800), and the requantization
+after L1 turns a few of those differences into whole FP8 steps: that is the 2-3e-3 layer error
+of the benchmark shapes (docs/RELIABILITY.md, finding 6). F16_MMA converts the same FP8
+operands to FP16 (exact: every e4m3 value is an FP16 value; one cvt per pair) and multiplies on
+the FP16 tensor cores: exact products, FP32 sums, every other step unchanged.
 """
 
 import triton
@@ -105,16 +113,32 @@ def _chunk_operands(w_base, a_base, step, HALF: tl.constexpr, k_size, MASKED: tl
 
 
 @triton.jit
+def _exact_operands(w0, w1, w2, w3, a0, a1, a2, a3, UPCAST: tl.constexpr):
+    """The FP8 operands as FP16 for the FP16 tensor cores (F16_MMA); as FP32 under the
+    interpreter (UPCAST), whose FP16 dot would round its sums to FP16."""
+    if UPCAST:
+        w0, w1, w2, w3 = w0.to(tl.float32), w1.to(tl.float32), w2.to(tl.float32), w3.to(tl.float32)
+        a0, a1, a2, a3 = a0.to(tl.float32), a1.to(tl.float32), a2.to(tl.float32), a3.to(tl.float32)
+    else:
+        w0, w1, w2, w3 = w0.to(tl.float16), w1.to(tl.float16), w2.to(tl.float16), w3.to(tl.float16)
+        a0, a1, a2, a3 = a0.to(tl.float16), a1.to(tl.float16), a2.to(tl.float16), a3.to(tl.float16)
+    return w0, w1, w2, w3, a0, a1, a2, a3
+
+
+@triton.jit
 def _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
-              MASKED: tl.constexpr, PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr):
+              MASKED: tl.constexpr, PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr, F16_MMA: tl.constexpr):
     """acc + one step of 128 of K (two chunks, four scale groups), each group promoted.
 
     ISSUE_AHEAD issues the four MMAs before the first promotion needs a result, so they run
     back to back instead of each waiting for the previous one's promotion; it holds four
     partial tiles in registers, affordable for the few-token tiles of decode only.
+    F16_MMA: exact products (see the module docstring).
     """
     w0, w1, a0, a1 = _chunk_operands(w_base, a_base, step, 0, k_size, MASKED, PTX_DECODE)
     w2, w3, a2, a3 = _chunk_operands(w_base, a_base, step, 1, k_size, MASKED, PTX_DECODE)
+    if F16_MMA:
+        w0, w1, w2, w3, a0, a1, a2, a3 = _exact_operands(w0, w1, w2, w3, a0, a1, a2, a3, not PTX_DECODE)
     if ISSUE_AHEAD:
         t0 = tl.dot(w0, a0)
         t1 = tl.dot(w1, a1)
@@ -135,7 +159,8 @@ def _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, s
 @triton.jit
 def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n,
                    a_ptr, a_rows, stride_a_m, a_scale_ptr, stride_as_m, k_size,
-                   PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr, WIDE_SCALES: tl.constexpr):
+                   PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr, WIDE_SCALES: tl.constexpr,
+                   F16_MMA: tl.constexpr):
     """W[w_rows, :k_size] @ A[a_rows, :k_size].T as fp32 [BLOCK_W, BLOCK_M]; MXFP4 W, FP8 A.
 
     w_ptr:       uint8, the expert's packed weights, tiled (weights.py): each 128-wide step of
@@ -149,6 +174,7 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n,
                  G4 = ceil(k_size / 128) * 4: both scale arrays are padded to whole steps.
     PTX_DECODE:  decode four bytes per instruction with inline PTX (not in the interpreter).
     WIDE_SCALES: 64-bit offsets into the scale tables (see `_group_scales`).
+    F16_MMA:     multiply on the FP16 tensor cores, exact products (module docstring).
     ISSUE_AHEAD: narrow row tiles (decode): the step's four MMAs go out back to back (see
                  `_step_dot`) and each step loads the next step's scales.
 
@@ -177,7 +203,7 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n,
                 w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m,
                 tl.minimum(4 * step + 4, last_group), WIDE_SCALES)
             acc = _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
-                            False, PTX_DECODE, ISSUE_AHEAD)
+                            False, PTX_DECODE, ISSUE_AHEAD, F16_MMA)
             sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = nw0, nw1, nw2, nw3, na0, na1, na2, na3
     else:
         # Wide row tiles: every thread holds many columns of the accumulator, so the activation
@@ -186,12 +212,12 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n,
             sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
                 w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, 4 * step, WIDE_SCALES)
             acc = _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
-                            False, PTX_DECODE, ISSUE_AHEAD)
+                            False, PTX_DECODE, ISSUE_AHEAD, F16_MMA)
         sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
             w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, last_group, WIDE_SCALES)
     if k_size % 128 != 0:
         acc = _step_dot(acc, w_base, a_base, full_steps, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
-                        True, PTX_DECODE, ISSUE_AHEAD)
+                        True, PTX_DECODE, ISSUE_AHEAD, F16_MMA)
     # The decode yields value * 2^-6 (see decode_e2m1_pair); undo it once, not per group.
     return acc * 64.0
 
@@ -199,7 +225,7 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n,
 @triton.jit
 def expert_rows_dot(w_ptr, w_scale_ptr, w_rows, w_mask, stride_w_n, stride_ws_n, a_ptr, a_rows, a_mask, stride_a_m,
                     a_scale_ptr, stride_as_m, k_size, QUANTIZED: tl.constexpr, BLOCK_K: tl.constexpr,
-                    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr):
+                    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr):
     """One expert's W[w_rows, :k_size] @ A[a_rows, :k_size].T, fp32 [BLOCK_W, BLOCK_M], in the
     layer's mode (L1 and L2 share it). fp8xfp4: `mxfp4_rows_dot`, with the rows outside the
     masks clamped to row 0 (computed, never stored), stride_w_n the stride between row tiles
@@ -208,7 +234,8 @@ def expert_rows_dot(w_ptr, w_scale_ptr, w_rows, w_mask, stride_w_n, stride_ws_n,
     if QUANTIZED:
         acc = mxfp4_rows_dot(w_ptr, w_scale_ptr, tl.where(w_mask, w_rows, 0), stride_w_n, stride_ws_n, a_ptr,
                              tl.where(a_mask, a_rows, 0), stride_a_m, a_scale_ptr, stride_as_m, k_size,
-                             PTX_DECODE=not UPCAST, ISSUE_AHEAD=a_rows.shape[0] <= 32, WIDE_SCALES=WIDE_SCALES)
+                             PTX_DECODE=not UPCAST, ISSUE_AHEAD=a_rows.shape[0] <= 32, WIDE_SCALES=WIDE_SCALES,
+                             F16_MMA=F16_MMA)
     else:
         acc = bf16_rows_dot(w_ptr, w_rows, w_mask, stride_w_n, a_ptr, a_rows, a_mask, stride_a_m, k_size,
                             BLOCK_K=BLOCK_K, UPCAST=UPCAST)
