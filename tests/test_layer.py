@@ -15,7 +15,7 @@ from megamoe.layer import (BufferPool, GroupLimitedTopKRouter, MegaMoELayer, Sof
                            TopKSoftmaxRouter)
 from megamoe.testing import MoEShape, make_problem, relative_error
 
-from tolerances import LAYER_KERNEL_VS_REFERENCE, ROUTER_WEIGHTS
+from tolerances import LAYER_EXACT_PRODUCTS, LAYER_KERNEL_VS_REFERENCE, ROUTER_WEIGHTS
 
 H, I, E, K = 64, 64, 8, 2
 
@@ -141,11 +141,11 @@ def test_router_input_is_checked():
 # ------------------------------------------------------------------------------ the layer
 
 
-def _layer_case(kind: str, mode: str, device, seed: int = 0):
+def _layer_case(kind: str, mode: str, device, seed: int = 0, mma: str = "fp8"):
     """A layer of `kind` with random weights (and the pieces the reference needs)."""
     p = make_problem(MoEShape("layer", E, K, H, I), 1, mode=mode, seed=seed)
     bias = {}
-    options = {}
+    options = dict(mma=mma)
     if kind == "softmax":
         router = SoftmaxTopKRouter(H, E, K, True)
     elif kind == "group_limited":
@@ -196,6 +196,14 @@ def test_layer_matches_reference(kind, mode, shape, dtype, chunk, device):
     assert relative_error(out.float(), _expected(layer, p, bias, x).float()) <= LAYER_KERNEL_VS_REFERENCE
 
 
+def test_layer_with_exact_products(device):
+    layer, p, bias = _layer_case("softmax", "fp8xfp4", device, mma="fp16")
+    x = _randn(5, H, seed=41).to(device)
+    out = layer(x)
+    assert "mma=fp16" in repr(layer) and [b.mma for b in layer.buffers._buffers.values()] == ["fp16"]
+    assert relative_error(out.float(), _expected(layer, p, bias, x).float()) <= LAYER_EXACT_PRODUCTS
+
+
 def test_layer_zero_tokens_and_router_weights(device):
     layer, _, _ = _layer_case("topk_softmax", "fp8xfp4", device)
     layer.return_router_weights = True
@@ -208,7 +216,9 @@ def test_buffer_pool_shares_by_shape():
     a = pool.get(torch.device("cpu"), E, 4, K, H, I, "fp8xfp4")
     assert pool.get(torch.device("cpu"), E, 4, K, H, I, "fp8xfp4") is a
     b = pool.get(torch.device("cpu"), E, 4, K, H, I, "bf16xbf16")
-    assert b is not a and pool.nbytes == a.nbytes + b.nbytes
+    c = pool.get(torch.device("cpu"), E, 4, K, H, I, "fp8xfp4", "fp16")
+    assert b is not a and c is not a and c.mma == "fp16"
+    assert pool.nbytes == a.nbytes + b.nbytes + c.nbytes
     pool.destroy()
     assert a.destroyed and pool.nbytes == 0
 
@@ -243,6 +253,7 @@ def test_custom_router_ids_are_checked():
     (dict(router=SoftmaxTopKRouter(H, E + 1, K)), ValueError, "l1_weights"),
     (dict(router="softmax"), TypeError, "router"),
     (dict(mode="fp8xfp8"), ValueError, "mode"),
+    (dict(mma="fp4"), ValueError, "mma"),
     (dict(activation="gelu"), ValueError, "activation"),
     (dict(activation_clamp=-1.0), ValueError, "activation_clamp"),
     (dict(max_tokens_per_call=0), ValueError, "max_tokens_per_call"),

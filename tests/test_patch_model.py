@@ -271,3 +271,11 @@ def test_patch_model_arguments_are_checked():
         megamoe.patch_model(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="mode"):
         megamoe.patch_model(tiny_model("mixtral"), mode="fp4")
+    with pytest.raises(ValueError, match="mma"):
+        megamoe.patch_model(tiny_model("mixtral"), mode="bf16xbf16", mma="fp16")
+
+
+def test_patch_model_passes_mma_to_every_layer():
+    model = megamoe.patch_model(tiny_model("qwen3_moe", torch.float32), mma="fp16")
+    layers = [m for m in model.modules() if isinstance(m, megamoe.MegaMoELayer)]
+    assert layers and all(layer.mma == "fp16" for layer in layers)

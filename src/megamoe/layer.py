@@ -36,7 +36,7 @@ from .buffer import MegaMoEBuffer
 from .formats import SCALE_GROUP, quantize_mxfp4
 from .kernels.pre_dispatch import pre_dispatch
 from .moe import mega_moe
-from .reference import check_activation, check_mode
+from .reference import check_activation, check_mma, check_mode
 from .weights import ExpertWeights, transform_weights
 
 DEFAULT_MAX_TOKENS_PER_CALL = 1024
@@ -229,7 +229,7 @@ class BufferPool:
     """MegaMoEBuffers shared by layers that run one after another (the MoE layers of one model).
 
     A buffer holds one call's tokens, routing and intermediate rows, nothing that outlives the
-    call, so layers of the same shape can share it: one buffer per (device, shape, mode) instead
+    call, so layers of the same shape can share it: one buffer per (device, shape, mode, mma) instead
     of one per layer. Layers that may run concurrently (on different CUDA streams) need separate
     pools.
     """
@@ -238,14 +238,15 @@ class BufferPool:
         self._buffers: dict[tuple, MegaMoEBuffer] = {}
 
     def get(self, device: torch.device, num_experts: int, max_tokens: int, num_topk: int, hidden: int,
-            intermediate: int, mode: str) -> MegaMoEBuffer:
-        key = (torch.device(device), num_experts, max_tokens, num_topk, hidden, intermediate, mode)
+            intermediate: int, mode: str, mma: str = "fp8") -> MegaMoEBuffer:
+        key = (torch.device(device), num_experts, max_tokens, num_topk, hidden, intermediate, mode, mma)
         buf = self._buffers.get(key)
         if buf is None:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("MegaMoELayer: its buffer is allocated by the first forward on a device; run one "
                                    "forward outside CUDA-graph capture (a warm-up) before capturing")
-            buf = MegaMoEBuffer(num_experts, max_tokens, num_topk, hidden, intermediate, mode=mode, device=device)
+            buf = MegaMoEBuffer(num_experts, max_tokens, num_topk, hidden, intermediate, mode=mode, mma=mma,
+                                device=device)
             self._buffers[key] = buf
         return buf
 
@@ -339,6 +340,8 @@ class MegaMoELayer(nn.Module):
                      uint8 [E, 2I, H/32]) used as it is.
     l2_weights:      expert L2: float [E, H, I], or the MXFP4 pair (uint8 [E, H, I/2], uint8 [E, H, I/32]).
     mode:            "fp8xfp4" (FP8 activations x MXFP4 weights) or "bf16xbf16".
+    mma:             fp8xfp4's tensor cores: "fp8" (default) or "fp16" (exact products, slower;
+                     see MegaMoEBuffer).
     l1_bias:         None or float [E, 2I] (gate then up); l2_bias: None or float [E, H]. Kept in FP32.
     activation:      "swiglu" or "gpt_oss"; activation_clamp: None or c > 0 (gpt-oss: 7.0).
     shared_experts:  None or a module [..., H] -> [..., H], run on the layer's input and added
@@ -356,7 +359,7 @@ class MegaMoELayer(nn.Module):
     before capturing a CUDA graph.
     """
 
-    def __init__(self, router: nn.Module, l1_weights, l2_weights, *, mode: str = "fp8xfp4",
+    def __init__(self, router: nn.Module, l1_weights, l2_weights, *, mode: str = "fp8xfp4", mma: str = "fp8",
                  l1_bias: torch.Tensor | None = None, l2_bias: torch.Tensor | None = None,
                  activation: str = "swiglu", activation_clamp: float | None = None,
                  shared_experts: nn.Module | None = None,
@@ -364,6 +367,7 @@ class MegaMoELayer(nn.Module):
                  return_router_weights: bool = False):
         super().__init__()
         check_mode(mode)
+        check_mma(mma, mode)
         check_activation(activation)
         if not isinstance(router, nn.Module):
             raise TypeError(f"router: expected an nn.Module, got {type(router).__name__}")
@@ -389,6 +393,7 @@ class MegaMoELayer(nn.Module):
         self.router = router
         self.shared_experts = shared_experts
         self.mode = mode
+        self.mma = mma
         self.activation = activation
         self.activation_clamp = None if activation_clamp is None else float(activation_clamp)
         self.num_experts, self.num_topk = router.num_experts, router.num_topk
@@ -443,7 +448,7 @@ class MegaMoELayer(nn.Module):
         if tokens == 0:
             return y
         buf = self.buffers.get(x.device, self.num_experts, chunk, self.num_topk, self.hidden, self.intermediate,
-                               self.mode)
+                               self.mode, self.mma)
         scaling = float(getattr(self.router, "routed_scaling_factor", 1.0))
         with torch.no_grad():
             for start in range(0, tokens, chunk):
@@ -470,8 +475,9 @@ class MegaMoELayer(nn.Module):
     def extra_repr(self) -> str:
         clamp = f", activation_clamp={self.activation_clamp}" if self.activation_clamp is not None else ""
         bias = ", biases" if self.l1.bias is not None or self.l2.bias is not None else ""
+        mma = f", mma={self.mma}" if self.mma != "fp8" else ""
         return (f"num_experts={self.num_experts}, num_topk={self.num_topk}, hidden={self.hidden}, "
-                f"intermediate={self.intermediate}, mode={self.mode}, activation={self.activation}{clamp}{bias}, "
+                f"intermediate={self.intermediate}, mode={self.mode}{mma}, activation={self.activation}{clamp}{bias}, "
                 f"experts={self.expert_nbytes / 2**20:.1f} MiB on {self.device}")
 
 

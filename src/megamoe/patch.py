@@ -23,7 +23,7 @@ from torch import nn
 from . import env
 from .checkpoints import SafetensorsCheckpoint, layer_from_module, moe_spec
 from .layer import DEFAULT_MAX_TOKENS_PER_CALL, BufferPool
-from .reference import check_mode
+from .reference import check_mma, check_mode
 
 logger = logging.getLogger("megamoe")
 
@@ -75,7 +75,8 @@ def _checkpoint_prefix(ckpt: SafetensorsCheckpoint, module_name: str, family: st
 
 
 def patch_model(model: nn.Module, mode: str = "fp8xfp4", *, checkpoint=None,
-                max_tokens_per_call: int = DEFAULT_MAX_TOKENS_PER_CALL, share_buffers: bool = True) -> nn.Module:
+                max_tokens_per_call: int = DEFAULT_MAX_TOKENS_PER_CALL, share_buffers: bool = True,
+                mma: str = "fp8") -> nn.Module:
     """Replace every supported MoE block of a transformers model by a MegaMoELayer; return the model.
 
     model:      a transformers model (anything with `.config` and the blocks listed in the
@@ -87,6 +88,7 @@ def patch_model(model: nn.Module, mode: str = "fp8xfp4", *, checkpoint=None,
     max_tokens_per_call: tokens per fused call; longer inputs run in chunks.
     share_buffers: one MegaMoEBuffer per (device, shape) for all layers (they run one after
                 another); False gives every layer its own.
+    mma:        fp8xfp4's tensor cores, "fp8" or "fp16" (exact products; MegaMoEBuffer).
 
     Each new layer sits on the device of the block it replaces and returns the block's dtype;
     the old block's expert weights are released with it (shared experts are kept). Blocks whose
@@ -94,6 +96,7 @@ def patch_model(model: nn.Module, mode: str = "fp8xfp4", *, checkpoint=None,
     malformed checkpoint raises. With MEGAMOE_ENABLE=0 the model is returned unchanged.
     """
     check_mode(mode)
+    check_mma(mma, mode)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     config = getattr(model, "config", None)
@@ -127,7 +130,7 @@ def patch_model(model: nn.Module, mode: str = "fp8xfp4", *, checkpoint=None,
             skipped.append(f"{name} ({cls}: {err})")
             continue
         prefix = _checkpoint_prefix(ckpt, name, family) if ckpt is not None else None
-        options = dict(max_tokens_per_call=max_tokens_per_call)
+        options = dict(max_tokens_per_call=max_tokens_per_call, mma=mma)
         if pool is not None:
             options["buffers"] = pool
         layer = layer_from_module(module, config, mode=mode, checkpoint=ckpt, prefix=prefix, family=family,
