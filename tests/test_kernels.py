@@ -311,6 +311,49 @@ def test_persistent_grid_is_what_an_sm_holds(regs, warps, shared, expected):
     assert programs_per_sm(regs, warps, shared, **HOPPER_SM) == expected
 
 
+def test_pdl_is_chosen_for_sm90_cuda_launches_only(monkeypatch):
+    from megamoe.kernels import launch
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(launch, "_has_pdl", lambda index: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert launch.pdl_options(cuda) == {"PDL": True, "launch_pdl": True}
+    assert launch.pdl_options(torch.device("cpu")) == {"PDL": False}
+    monkeypatch.setenv("MEGAMOE_PDL", "0")
+    assert launch.pdl_options(cuda) == {"PDL": False}
+    monkeypatch.setenv("MEGAMOE_PDL", "maybe")
+    with pytest.raises(ValueError, match="MEGAMOE_PDL"):
+        launch.pdl_options(cuda)
+    monkeypatch.setenv("MEGAMOE_PDL", "1")
+    monkeypatch.setattr(launch, "_has_pdl", lambda index: False)   # before sm_90
+    assert launch.pdl_options(cuda) == {"PDL": False}
+    monkeypatch.setattr(launch, "_has_pdl", lambda index: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert launch.pdl_options(cuda) == {"PDL": False}
+
+
+class _RecordingKernel:
+    """Stands in for a Triton kernel: records the grid and options of each launch."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, kwargs))
+
+
+def test_persistent_launches_go_without_pdl(monkeypatch):
+    from megamoe import experts
+    monkeypatch.setenv("TRITON_INTERPRET", "1")   # the persistent grid without compiling anything
+    kernel = _RecordingKernel()
+    pdl = {"PDL": True, "launch_pdl": True}
+    experts._launch(kernel, (1000,), False, (), dict(pdl, BLOCK_M=16))
+    experts._launch(kernel, (1000,), True, (), dict(pdl, BLOCK_M=16))   # interpreter: a few programs
+    (grid, one_tile), (persistent_grid, persistent) = kernel.launches
+    assert grid == (1000,) and one_tile["PDL"] and one_tile["launch_pdl"] and not one_tile["PERSISTENT"]
+    assert persistent_grid == (experts.INTERPRETER_PROGRAMS,) and persistent["PERSISTENT"]
+    assert persistent["PDL"] is False and "launch_pdl" not in persistent
+
+
 def _mxfp4(e: int, n: int, k: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     return megamoe.formats.quantize_mxfp4(torch.randn(e, n, k, generator=g) * 2.0 ** torch.randint(-4, 5, (e, n, 1),
