@@ -416,3 +416,17 @@ def test_the_waits_of_one_call_share_one_timeout(monkeypatch):
     wait_for(_FakeWork(0.4), "fourth")
     wait_for(_FakeWork(0.4), "fifth")
     assert time.monotonic() - start >= 0.8
+
+
+def test_deadline_never_hands_out_less_than_is_left(monkeypatch):
+    """The process groups take timeouts in whole milliseconds and drop the rest: the deadline
+    rounds up, so no wait gives up before MEGAMOE_TIMEOUT_S (a 2 s timeout had raised after
+    1.999997 s)."""
+    from megamoe.comm.wait import Deadline
+
+    monkeypatch.setenv("MEGAMOE_TIMEOUT_S", "2")
+    deadline = Deadline()
+    for _ in range(3):
+        left = deadline.remaining()
+        assert left.microseconds % 1000 == 0
+        assert deadline.end - time.monotonic() <= left.total_seconds() <= 2.001

@@ -14,6 +14,7 @@ H200, 2026-11-28: one survivor raised after 20.5 s with MEGAMOE_TIMEOUT_S = 10).
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import timedelta
 
@@ -31,8 +32,12 @@ class Deadline:
         self.timeout = env.timeout_s()
         self.end = time.monotonic() + self.timeout
 
-    def remaining(self) -> float:
-        return max(self.end - time.monotonic(), self.MIN_WAIT_S)
+    def remaining(self) -> timedelta:
+        """What is left, rounded up to whole milliseconds: the process groups take their timeout
+        in milliseconds and drop the rest, which let a wait give up up to 1 ms before the
+        deadline (seen in the CPU suite: a 2 s timeout raised after 1.999997 s)."""
+        left = max(self.end - time.monotonic(), self.MIN_WAIT_S)
+        return timedelta(milliseconds=math.ceil(left * 1000))
 
 
 def wait_for(work, what: str, deadline: Deadline | None = None) -> None:
@@ -45,7 +50,7 @@ def wait_for(work, what: str, deadline: Deadline | None = None) -> None:
     deadline = deadline or Deadline()
     timeout = deadline.timeout
     try:
-        done = work.wait(timeout=timedelta(seconds=deadline.remaining()))
+        done = work.wait(timeout=deadline.remaining())
     except RuntimeError as err:
         # gloo says "Operation timed out!", NCCL "... timed out" or "Timeout": both are timeouts.
         if "timed out" in str(err).lower() or "timeout" in str(err).lower():
