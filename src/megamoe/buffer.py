@@ -251,7 +251,7 @@ class MegaMoEBuffer:
                           2-3e-3 on the benchmark shapes, rare small cases past 1e-2
                           (docs/RELIABILITY.md, finding 6). "fp16": the same FP8 operands
                           converted exactly to FP16, exact products and FP32 sums: errors of
-                          0-1.5e-4 there, 1.2-1.4x the time (H200, docs/PERF.md).
+                          0-1.5e-4 there, 1.24-1.48x the time (H200, docs/PERF.md).
     device:               where to allocate; default: the current CUDA device, else the CPU.
                           With a group, the collectives run on tensors of this device.
 
