@@ -345,10 +345,15 @@ def test_layout():
     args = (256, 64, 6, 4096, 2048)
     staging = ["send_counts", "count_matrix", "send_entries", "send_rows", "recv_rows", "recv_expert",
                "recv_weights", "recv_scales", "recv_out"]
-    ep1 = [r.name for r in buffer_layout(*args)]
+    ep1 = {r.name: r for r in buffer_layout(*args)}
     assert not set(staging) & set(ep1)
+    # EP = 1 only: the copy of x that L1's prefill tiles read (kernels/rebase.py).
+    local_only = ["x_rebased", "x_rebased_scales"]
+    assert list(ep1)[-2:] == local_only
+    assert ep1["x_rebased"].shape == (64, 4096) and ep1["x_rebased_scales"].shape == (64, 4096 // 32)
+    assert "x_rebased" not in [r.name for r in buffer_layout(*args, mode="bf16xbf16")]
     ep8 = {r.name: r for r in buffer_layout(*args, num_ranks=8)}
-    assert list(ep8) == ep1 + staging
+    assert list(ep8) == list(ep1)[:-2] + staging
     record = 4096 + 4 * 32 + 8 + 8   # FP8 row, scale bytes, expert id, weight, padding to 16 bytes
     assert ep8["send_rows"].shape == (64 * 6, 2 * 4096)
     assert ep8["recv_rows"].shape == (8 * 64 * 6, record)

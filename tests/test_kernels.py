@@ -13,7 +13,7 @@ import megamoe
 from megamoe.kernels.config import GemmConfig, force_config
 from megamoe.testing import MoEShape, make_problem, relative_error
 
-from tolerances import LAYER_KERNEL_VS_REFERENCE
+from tolerances import LAYER_EXACT_PRODUCTS, LAYER_KERNEL_VS_REFERENCE
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,7 @@ def test_reruns_are_bitwise_identical(device):
     (GemmConfig(16, 32, 4, 4), GemmConfig(16, 64, 4, 4)),     # the GPU's decode tiles
     (GemmConfig(16, 32, 4, 2), GemmConfig(16, 16, 4, 2, block_k=32)),
     (GemmConfig(32, 64, 4, 3, block_k=32), GemmConfig(64, 32, 4, 3, block_k=128)),
+    (GemmConfig(64, 32, 8, 3), GemmConfig(64, 64, 8, 3)),     # prefill tiles: rebased rows on both
 ])
 @pytest.mark.parametrize("mode", ["fp8xfp4", "bf16xbf16"])
 def test_every_tile_config_path(l1, l2, mode, device):
@@ -165,6 +166,87 @@ def test_every_tile_config_path(l1, l2, mode, device):
     with force_config(l1=l1, l2=l2):
         p, _, _, y, _ = run_case(case, device)
     assert relative_error(y, reference(case, p)[0]) <= LAYER_KERNEL_VS_REFERENCE
+
+
+def _spread_groups(x: torch.Tensor, seed: int, spread: int = 12) -> torch.Tensor:
+    """x with each group of 32 columns of each row scaled by its own power of two in
+    [2^-spread, 1], so the groups of a GEMM step get scales far apart."""
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = x.shape
+    shifts = torch.randint(-spread, 1, (rows, cols // 32), generator=g).repeat_interleave(32, dim=1)
+    return (x.float().cpu() * torch.exp2(shifts.float())).to(x.dtype).to(x.device)
+
+
+@pytest.mark.parametrize("k, counted, in_place", [(256, False, False), (96, True, True), (2880, False, True)])
+def test_rebase_rows_is_exact(k, counted, in_place, device):
+    """kernels/rebase.py bit for bit against formats.rebase_fp8_steps: groups 2^0 to 2^-12 apart
+    (values that fall below e4m3's normals round), a partial last step, a row count on the
+    device; rows past the count and columns past k are untouched. Rebasing twice changes nothing."""
+    from megamoe.formats import quantize_fp8, rebase_fp8_steps, ue8m0_to_float, unpack_ue8m0
+    from megamoe.kernels.rebase import rebase_rows
+
+    rows, valid = 45, 37
+    g = torch.Generator().manual_seed(k)
+    x = _spread_groups(torch.randn(rows, k, generator=g), seed=k + 1)
+    q, sf = quantize_fp8(x)
+    steps = -(-k // 128)
+    scales = torch.ones(rows, 4 * steps)
+    scales[:, : k // 32] = ue8m0_to_float(unpack_ue8m0(sf, k // 32))
+    # Rows wider than k (a stride of k + 32) with a sentinel past k: never read nor written.
+    src = torch.full((rows, k + 32), 7.0).to(torch.float8_e4m3fn)
+    src[:, :k] = q
+    src, scales = src.to(device), scales.to(device)
+    expect_q, expect_s = rebase_fp8_steps(src[:valid].cpu(), scales[:valid].cpu(), k)
+    original_s = scales[:valid].cpu().clone()
+    if in_place:
+        dst, dst_s = src, scales
+        before_q, before_s = src.clone(), scales.clone()
+    else:
+        dst = torch.full_like(src.view(torch.uint8), 0x55).view(torch.float8_e4m3fn)
+        dst_s = torch.full_like(scales, -3.0)
+        before_q, before_s = dst.clone(), dst_s.clone()
+    count = torch.tensor([valid], dtype=torch.int32, device=device) if counted else None
+    rebase_rows(src, scales, dst, dst_s, valid if not counted else rows, k, count=count)
+    assert torch.equal(dst[:valid, :k].view(torch.uint8).cpu(), expect_q[:, :k].view(torch.uint8))
+    assert torch.equal(dst_s[:valid].cpu(), expect_s)
+    assert torch.equal(dst[:, k:].view(torch.uint8), before_q[:, k:].view(torch.uint8))
+    assert torch.equal(dst[valid:].view(torch.uint8), before_q[valid:].view(torch.uint8))
+    assert torch.equal(dst_s[valid:], before_s[valid:])
+    # Some values fell below the normals and rounded, each by at most 2^-10 of its step's scale.
+    def values(q8, sc):
+        return q8[:, :k].float() * sc[:, : k // 32].repeat_interleave(32, dim=1)
+    step_scale = expect_s[:, : k // 32].repeat_interleave(32, dim=1)
+    change = (values(expect_q, expect_s) - values(q[:valid], original_s)).abs()
+    assert (change > 0).any() and (change <= step_scale * 2.0 ** -10).all()
+    # Idempotent: a second call on rebased rows leaves them as they are.
+    again_q, again_s = dst.clone(), dst_s.clone()
+    rebase_rows(again_q, again_s, again_q, again_s, valid, k)
+    assert torch.equal(again_q.view(torch.uint8), dst.view(torch.uint8)) and torch.equal(again_s, dst_s)
+
+
+@pytest.mark.parametrize("case", [Case(160, 96, 4, 2, 40, 40, routing="skewed"),
+                                  Case(160, 96, 4, 2, 40, 40, intermediate_sf="fp32"),
+                                  Case(2880, 64, 4, 2, 5, 8, mma="fp16")], ids=str)
+def test_prefill_tiles_on_spread_scales(case, device):
+    """The prefill tiles (rebased rows, one promotion per step) against the reference, on
+    tokens whose groups of 32 are up to 2^12 apart; FP32 intermediate scales skip the rebase of
+    L2's rows. With exact products (mma="fp16") the rebase's rounding of tiny values is all
+    that separates the kernels from the reference."""
+    shape = MoEShape("case", case.experts, case.topk, case.hidden, case.inter)
+    p = make_problem(shape, case.tokens, routing=case.routing, seed=3)
+    p.x = _spread_groups(p.x, seed=4)
+    p = p.to(device)
+    buf = megamoe.MegaMoEBuffer(case.experts, case.capacity, case.topk, case.hidden, case.inter,
+                                intermediate_sf=case.intermediate_sf, mma=case.mma, device=device)
+    l1, l2 = megamoe.transform_weights(p.l1, p.l2)
+    megamoe.pre_dispatch(p.x, p.topk_idx, p.topk_weights, buf)
+    y = torch.full_like(p.x, float("nan"))
+    with force_config(l1=GemmConfig(64, 32, 8, 3), l2=GemmConfig(64, 64, 8, 3)):
+        megamoe.mega_moe(y, l1, l2, buf)
+    # pre_dispatch's rows are left as they were: L1 read a rebased copy.
+    assert torch.equal(buf.x[: case.tokens].view(torch.uint8), megamoe.formats.quantize_fp8(p.x)[0].view(torch.uint8))
+    tolerance = LAYER_EXACT_PRODUCTS if case.mma == "fp16" else LAYER_KERNEL_VS_REFERENCE
+    assert relative_error(y, reference(case, p)[0]) <= tolerance
 
 
 def test_cpu_torch_path_agrees(monkeypatch, device):
@@ -178,7 +260,9 @@ def test_cpu_torch_path_agrees(monkeypatch, device):
     assert relative_error(y_torch, y_kernels) <= LAYER_KERNEL_VS_REFERENCE
 
 
-def test_nan_in_one_token_stays_there(device):
+@pytest.mark.parametrize("configs", [{}, dict(l1=GemmConfig(64, 32, 8, 3), l2=GemmConfig(64, 64, 8, 3))],
+                         ids=["heuristic", "prefill-tiles"])
+def test_nan_in_one_token_stays_there(configs, device):
     case = CASES[0]
     shape = MoEShape("case", case.experts, case.topk, case.hidden, case.inter)
     p = make_problem(shape, case.tokens, seed=1, device=device)
@@ -191,7 +275,8 @@ def test_nan_in_one_token_stays_there(device):
             x[5, 17] = float("nan")
         megamoe.pre_dispatch(x, p.topk_idx, p.topk_weights, buf)
         y = torch.empty_like(x)
-        megamoe.mega_moe(y, l1, l2, buf)
+        with force_config(**configs):
+            megamoe.mega_moe(y, l1, l2, buf)
         ys.append(y)
     keep = torch.arange(case.tokens, device=device) != 5
     assert torch.equal(ys[0][keep].view(torch.int16), ys[1][keep].view(torch.int16))

@@ -28,6 +28,11 @@ Receive side (rows this rank's experts process), R = number of ranks, E_l = loca
 N_recv = R * C * min(K, E_l): the most rows this rank can receive when a token's K slots name
 distinct experts.
 
+EP = 1 (backend "local"), fp8xfp4 mode only:
+    x_rebased     [C, H]          float8_e4m3fn: x with one scale per 128 columns, which L1's
+                                  prefill tiles read (kernels/rebase.py); x stays as written
+    x_rebased_scales [C, G4(H)]   float32 its scales, laid out like x_scales (a step's 4 equal)
+
 NCCL backend staging (only in buffers whose backend is "nccl", i.e. R > 1 for now; the EP = 1
 layout has none of it). D = `DispatchRecord.nbytes`, the bytes of one dispatched row:
     send_counts   [R]             int64 rows this rank sends to each rank in this call
@@ -200,6 +205,11 @@ def buffer_layout(num_experts: int, max_tokens_per_rank: int, num_topk: int, hid
         ("inter", (recv_rows, intermediate), act),
         ("inter_scales", (recv_rows, groups_i), torch.float32),
     ]
+    if resolved == "local" and quantized:
+        shapes += [
+            ("x_rebased", (cap, hidden), act),
+            ("x_rebased_scales", (cap, groups_h), torch.float32),
+        ]
     if resolved == "nccl":
         record = dispatch_record(hidden, mode).nbytes
         shapes += [

@@ -21,11 +21,12 @@ import triton
 
 from . import env
 from .formats import ue8m0_to_float
-from .kernels.config import pick_config
+from .kernels.config import is_wide, pick_config
 from .kernels.l1_swiglu import _l1_swiglu_kernel
 from .kernels.l2 import _l2_kernel
 from .kernels.launch import pdl_options
 from .kernels.plan import plan
+from .kernels.rebase import rebase_rows
 from .reference import apply_activation, requantize_intermediate
 from .weights import ExpertWeights
 
@@ -111,7 +112,8 @@ def _launch(kernel, grid: tuple, persistent: bool, args: tuple, kwargs: dict) ->
 
 def run_experts(buf, routing: torch.Tensor, num_entries: int, entries_per_row: int, a: torch.Tensor,
                 a_scales: torch.Tensor | None, route_weights: torch.Tensor, out: torch.Tensor, l1: ExpertWeights,
-                l2: ExpertWeights, opts: ExpertOptions, recv_stats: torch.Tensor | None) -> None:
+                l2: ExpertWeights, opts: ExpertOptions, recv_stats: torch.Tensor | None,
+                rebased: tuple | None = None) -> None:
     """Launch plan, L1 and L2 for `num_entries` entries (see the module docstring).
 
     routing:       int32 [>= num_entries] global expert ids; ids of other ranks are skipped.
@@ -120,19 +122,22 @@ def run_experts(buf, routing: torch.Tensor, num_entries: int, entries_per_row: i
                    buf.x_scales; `expand_scales` makes it from UE8M0 bytes); fp8 modes.
     route_weights: float32 [>= num_entries] routing weight of each entry.
     out:           bfloat16 [>= num_entries, H]; rows of skipped entries are not written.
+    rebased:       None, or (rows, scales) shaped like `a`, `a_scales`: where L1's prefill tiles
+                   get the rows rebased per 128 (see `launch_l1`); None rebases them in place.
     """
     for _, step in expert_steps(buf, routing, num_entries, entries_per_row, a, a_scales, route_weights, out, l1,
-                                l2, opts, recv_stats):
+                                l2, opts, recv_stats, rebased):
         step()
 
 
 def expert_steps(buf, routing, num_entries, entries_per_row, a, a_scales, route_weights, out, l1, l2, opts,
-                 recv_stats) -> list[tuple[str, Callable[[], None]]]:
+                 recv_stats, rebased=None) -> list[tuple[str, Callable[[], None]]]:
     """`run_experts`' kernels in order, as (stage name, launch) pairs (the stage breakdowns time
     growing prefixes of them)."""
     return [
         ("plan", lambda: plan(routing, num_entries, buf, recv_stats)),
-        ("l1", lambda: launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts)),
+        ("l1", lambda: launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts,
+                                 rebased=rebased)),
         ("l2", lambda: launch_l2(buf, num_entries, route_weights, out, l2)),
     ]
 
@@ -154,7 +159,7 @@ def _upcast() -> bool:
 
 def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1: ExpertWeights,
               opts: ExpertOptions, *, gathered: bool = False, persistent: bool = False,
-              rows_hint: int | None = None) -> None:
+              rows_hint: int | None = None, rebased: tuple | None = None) -> None:
     """L1 + activation + requant of the planned rows into buf.inter / buf.inter_scales.
 
     gathered: `a`, `a_scales` and `route_weights` hold the rows in expert-sorted order (row i is
@@ -163,6 +168,10 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
     persistent: num_entries is only a bound (the symm backend's received rows are counted on
     the device): the grid holds what fits on the GPU and each program loops over tiles.
     rows_hint, when given, picks the tile config instead of num_entries.
+    Prefill tiles (`config.is_wide`) of FP8 rows first rebase them to one scale per 128 of K
+    (kernels/rebase.py; the x scales are powers of two): into `rebased` = (rows, scales) when
+    given (the local backend: buf.x stays as pre_dispatch wrote it), else in place (received
+    rows, which only this call reads).
     """
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
@@ -172,6 +181,14 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
     cfg, col_tiles, grid = _tiling("l1", num_entries, experts, inter, rows_hint)
     w_sf = l1.w_sf if quantized else placeholder
     a_scales = a_scales if quantized else placeholder
+    a_per_step = quantized and is_wide(cfg)
+    if a_per_step:
+        dst, dst_scales = rebased if rebased is not None else (a, a_scales)
+        # Gathered rows are counted on the device (expert_offsets[-1]); otherwise every entry
+        # reads row entry // entries_per_row.
+        rebase_rows(a, a_scales, dst, dst_scales, num_entries if gathered else num_entries // entries_per_row,
+                    hidden, count=buf.expert_offsets[experts:] if gathered else None, pdl=pdl_options(buf.device))
+        a, a_scales = dst, dst_scales
     wide = max(a_scales.numel(), buf.inter_scales.numel(), l1.w_sf.numel() if quantized else 0) >= 2**31
     args = (
         a, a_scales, a.stride(0), a_scales.stride(0),
@@ -187,8 +204,9 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         INTER_SF_FP32=buf.intermediate_sf == "fp32",
         HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", GATHERED=gathered,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16", num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **_register_cap("l1", persistent and quantized, cfg), **pdl_options(buf.device),
+        UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16", A_PER_STEP=a_per_step,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_register_cap("l1", persistent and quantized, cfg),
+        **pdl_options(buf.device),
     )
     _launch(_l1_swiglu_kernel, grid, persistent, args, kwargs)
 
@@ -222,11 +240,17 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
     r * entries_per_rank + e is written to row e of the bfloat16 table at byte offset
     out_offset of rank r's buffer (peer_ptrs: int64 base address of each rank's buffer); `out`
     is then unused.
+    Prefill tiles (`config.is_wide`) first rebase buf.inter in place to one scale per 128 of K
+    (kernels/rebase.py), with UE8M0 requant only: FP32 scales are not powers of two.
     """
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
     placeholder = l2.w
     cfg, col_tiles, grid = _tiling("l2", num_entries, experts, hidden, rows_hint)
+    a_per_step = quantized and is_wide(cfg) and buf.intermediate_sf == "ue8m0"
+    if a_per_step:
+        rebase_rows(buf.inter, buf.inter_scales, buf.inter, buf.inter_scales, num_entries, inter,
+                    count=buf.expert_offsets[experts:], pdl=pdl_options(buf.device))
     w_sf = l2.w_sf if quantized else placeholder
     peer_ptrs, out_offset, entries_per_rank = remote if remote is not None else (placeholder, 0, 1)
     if out is None:
@@ -241,8 +265,9 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
     kwargs = dict(
         QUANTIZED=quantized, HAS_BIAS=l2.bias is not None, GATHERED=gathered, REMOTE_OUT=remote is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16", num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **_register_cap("l2", persistent and quantized, cfg), **pdl_options(buf.device),
+        UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16", A_PER_STEP=a_per_step,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_register_cap("l2", persistent and quantized, cfg),
+        **pdl_options(buf.device),
     )
     _launch(_l2_kernel, grid, persistent, args, kwargs)
 

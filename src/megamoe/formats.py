@@ -217,3 +217,25 @@ def dequantize_mxfp4(w_q: torch.Tensor, w_sf: torch.Tensor) -> torch.Tensor:
     values = lut[codes.long()].reshape(*lead, n, k // SCALE_GROUP, SCALE_GROUP)
     scale = ue8m0_to_float(w_sf).unsqueeze(-1)
     return (values * scale).reshape(*lead, n, k)
+
+
+def rebase_fp8_steps(q: torch.Tensor, scales: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 rows with one power-of-two scale per 32 columns, re-expressed with one scale per 128
+    (the reference of `kernels/rebase.py`, which the prefill GEMM tiles read).
+
+    q: [R, >= k] float8_e4m3fn; scales: [R, 4 * ceil(k / 128)] float32 (a GEMM step's 4 groups
+    per 128 columns, padding past k / 32 ignored). In each step of 128 columns every group is
+    multiplied by its scale over the step's largest (groups past k left out) and rounded to
+    e4m3; the step's 4 scale entries all become that largest scale. Returns (q', scales').
+    """
+    rows = q.shape[0]
+    groups = -(-k // SCALE_GROUP)
+    out_q, out_s = q.clone(), scales.clone()
+    for first in range(0, groups, GROUPS_PER_WORD):
+        step = range(first, min(first + GROUPS_PER_WORD, groups))
+        top = scales[:, list(step)].amax(dim=1)
+        for g in step:
+            cols = slice(g * SCALE_GROUP, min((g + 1) * SCALE_GROUP, k))
+            out_q[:, cols] = (q[:, cols].float() * (scales[:, g] / top).unsqueeze(1)).to(torch.float8_e4m3fn)
+        out_s[:, first:first + GROUPS_PER_WORD] = top.reshape(rows, 1)
+    return out_q, out_s

@@ -29,6 +29,10 @@ VARIANTS = {
     "m32": dict(l1=GemmConfig(32, 32, 4, 4), l2=GemmConfig(32, 64, 4, 4)),
     "m64": dict(l1=GemmConfig(64, 32, 4, 3), l2=GemmConfig(64, 64, 4, 3)),
     "m64w8": dict(l1=GemmConfig(64, 64, 8, 3), l2=GemmConfig(64, 128, 8, 3)),
+    # Prefill: more tokens or more columns per tile, more stages.
+    "m128": dict(l1=GemmConfig(128, 64, 8, 3), l2=GemmConfig(128, 128, 8, 3)),
+    "m64n128": dict(l1=GemmConfig(64, 128, 8, 3), l2=GemmConfig(64, 256, 8, 3)),
+    "m64s4": dict(l1=GemmConfig(64, 64, 8, 4), l2=GemmConfig(64, 128, 8, 4)),
 }
 
 STAGES = ("pre_dispatch", "plan", "l1", "l2", "combine")

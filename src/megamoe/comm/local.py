@@ -32,7 +32,8 @@ class LocalBackend:
         args = (buf, buf.topk_idx.view(-1), y.shape[0] * k, k, buf.x, scales, buf.topk_weights.view(-1), buf.combine,
                 l1, l2, opts, recv_stats)
         if use_triton(buf.device) and not fp32_experts:
-            experts = expert_steps(*args)
+            rebased = (buf.x_rebased, buf.x_rebased_scales) if buf.mode == "fp8xfp4" else None
+            experts = expert_steps(*args, rebased=rebased)
         else:
             experts = [("experts", lambda: run_experts_torch(*args))]
         return experts + [("combine", lambda: combine(buf.combine, buf.topk_idx, y, buf.num_experts))]

@@ -48,6 +48,16 @@ def force_config(**configs: GemmConfig):
         _forced.update(saved)
 
 
+NARROW_ROWS = 32
+"""Row tiles of at most this many rows are decode tiles (`expert_mma.expert_rows_dot`: four
+MMAs issued ahead, a promotion per group of 32); wider ones are prefill tiles, which read rows
+rebased to one scale per 128 of K and promote once per step (`kernels/rebase.py`)."""
+
+
+def is_wide(cfg: GemmConfig) -> bool:
+    return cfg.block_m > NARROW_ROWS
+
+
 INTERPRETER_CONFIG = GemmConfig(16, 64, 4, 1)
 """Under TRITON_INTERPRET the fewest, widest programs run fastest on the CPU; the tests force
 the GPU configs' shapes (narrow tiles, several row tiles per expert) explicitly

@@ -26,10 +26,12 @@ import triton
 import triton.language as tl
 
 from ..weights import TILE_ROWS as _TILE_ROWS
+from .config import NARROW_ROWS as _NARROW_ROWS
 from .common import decode_e2m1_pair
 
 TILE_ROWS = tl.constexpr(_TILE_ROWS)
 TILE_STEP_BYTES = tl.constexpr(_TILE_ROWS * 64)   # one 128-wide step of a row tile, 4 bits a weight
+NARROW_ROWS = tl.constexpr(_NARROW_ROWS)
 
 
 @triton.jit
@@ -57,6 +59,24 @@ def decode_e2m1_pair_packed(packed):
 
 
 @triton.jit
+def _split4(s):
+    """[rows, 4] -> four [rows] vectors (groups (0, 2) and (1, 3) by the first split)."""
+    s02, s13 = tl.split(tl.reshape(s, (s.shape[0], 2, 2)))
+    s0, s2 = tl.split(s02)
+    s1, s3 = tl.split(s13)
+    return s0, s1, s2, s3
+
+
+@triton.jit
+def _weight_scales(w_scale_ptr, w_rows, stride_ws_n, g, WIDE: tl.constexpr):
+    """Weight scales [BLOCK_W] of groups g .. g+3 as fp32 (see `_group_scales`)."""
+    q = g + tl.arange(0, 4)
+    if WIDE:
+        w_rows = w_rows.to(tl.int64)
+    return _split4(tl.load(w_scale_ptr + w_rows[:, None] * stride_ws_n + q[None, :]).to(tl.float32))
+
+
+@triton.jit
 def _group_scales(w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, g, WIDE: tl.constexpr):
     """Weight scales [BLOCK_W] and activation scales [BLOCK_M] of groups g .. g+3, as fp32.
 
@@ -72,18 +92,24 @@ def _group_scales(w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_
     (see `mxfp4_rows_dot`): the tables end right after it, the last one of an allocation
     included. WIDE: 64-bit row offsets, for scale tables of 2^31 entries or more.
     """
+    sw0, sw1, sw2, sw3 = _weight_scales(w_scale_ptr, w_rows, stride_ws_n, g, WIDE)
     q = g + tl.arange(0, 4)
-    if WIDE:
-        w_rows = w_rows.to(tl.int64)
-    sw = tl.load(w_scale_ptr + w_rows[:, None] * stride_ws_n + q[None, :]).to(tl.float32)
-    sa = tl.load(a_scale_ptr + a_rows[:, None] * stride_as_m + q[None, :])
-    # [rows, 4] -> four [rows] vectors: groups (0, 2) and (1, 3) by the first split.
-    sw02, sw13 = tl.split(tl.reshape(sw, (w_rows.shape[0], 2, 2)))
-    sw0, sw2 = tl.split(sw02)
-    sw1, sw3 = tl.split(sw13)
-    sa02, sa13 = tl.split(tl.reshape(sa, (a_rows.shape[0], 2, 2)))
-    sa0, sa2 = tl.split(sa02)
-    sa1, sa3 = tl.split(sa13)
+    sa0, sa1, sa2, sa3 = _split4(tl.load(a_scale_ptr + a_rows[:, None] * stride_as_m + q[None, :]))
+    return sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3
+
+
+@triton.jit
+def _wide_step_scales(w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, g, WIDE: tl.constexpr,
+                      A_PER_STEP: tl.constexpr):
+    """`_group_scales`; with A_PER_STEP the activation side is one scalar load a row (the
+    step's scale, repeated in its four entries), returned as sa0 (sa1-sa3 are unused)."""
+    if A_PER_STEP:
+        sw0, sw1, sw2, sw3 = _weight_scales(w_scale_ptr, w_rows, stride_ws_n, g, WIDE)
+        sa0 = tl.load(a_scale_ptr + a_rows * stride_as_m + g)
+        sa1, sa2, sa3 = sa0, sa0, sa0
+    else:
+        sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
+            w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, g, WIDE)
     return sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3
 
 
@@ -127,12 +153,15 @@ def _exact_operands(w0, w1, w2, w3, a0, a1, a2, a3, UPCAST: tl.constexpr):
 
 @triton.jit
 def _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
-              MASKED: tl.constexpr, PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr, F16_MMA: tl.constexpr):
+              MASKED: tl.constexpr, PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr, F16_MMA: tl.constexpr,
+              A_PER_STEP: tl.constexpr):
     """acc + one step of 128 of K (two chunks, four scale groups), each group promoted.
 
     ISSUE_AHEAD issues the four MMAs before the first promotion needs a result, so they run
     back to back instead of each waiting for the previous one's promotion; it holds four
     partial tiles in registers, affordable for the few-token tiles of decode only.
+    A_PER_STEP: the activation rows have one scale per step (sa0; kernels/rebase.py), so the
+    four partial products are summed with their weight scales and promoted once.
     F16_MMA: exact products (see the module docstring).
     """
     w0, w1, a0, a1 = _chunk_operands(w_base, a_base, step, 0, k_size, MASKED, PTX_DECODE)
@@ -148,6 +177,12 @@ def _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, s
         acc += t1 * (sw1[:, None] * sa1[None, :])
         acc += t2 * (sw2[:, None] * sa2[None, :])
         acc += t3 * (sw3[:, None] * sa3[None, :])
+    elif A_PER_STEP:
+        t = tl.dot(w0, a0) * sw0[:, None]
+        t += tl.dot(w1, a1) * sw1[:, None]
+        t += tl.dot(w2, a2) * sw2[:, None]
+        t += tl.dot(w3, a3) * sw3[:, None]
+        acc += t * sa0[None, :]
     else:
         acc += tl.dot(w0, a0) * (sw0[:, None] * sa0[None, :])
         acc += tl.dot(w1, a1) * (sw1[:, None] * sa1[None, :])
@@ -160,7 +195,7 @@ def _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, s
 def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n,
                    a_ptr, a_rows, stride_a_m, a_scale_ptr, stride_as_m, k_size,
                    PTX_DECODE: tl.constexpr, ISSUE_AHEAD: tl.constexpr, WIDE_SCALES: tl.constexpr,
-                   F16_MMA: tl.constexpr):
+                   F16_MMA: tl.constexpr, A_PER_STEP: tl.constexpr):
     """W[w_rows, :k_size] @ A[a_rows, :k_size].T as fp32 [BLOCK_W, BLOCK_M]; MXFP4 W, FP8 A.
 
     w_ptr:       uint8, the expert's packed weights, tiled (weights.py): each 128-wide step of
@@ -177,6 +212,8 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n,
     F16_MMA:     multiply on the FP16 tensor cores, exact products (module docstring).
     ISSUE_AHEAD: narrow row tiles (decode): the step's four MMAs go out back to back (see
                  `_step_dot`) and each step loads the next step's scales.
+    A_PER_STEP:  wide row tiles only: the four activation scales of each step are equal
+                 (rebased rows, kernels/rebase.py); one promotion per step.
 
     One step covers 128 of K: two packed chunks, four scale groups; only a last partial step
     masks its loads. The compiler pipelines the tile loads (they feed the tensor cores) but not
@@ -203,21 +240,21 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n,
                 w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m,
                 tl.minimum(4 * step + 4, last_group), WIDE_SCALES)
             acc = _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
-                            False, PTX_DECODE, ISSUE_AHEAD, F16_MMA)
+                            False, PTX_DECODE, ISSUE_AHEAD, F16_MMA, False)
             sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = nw0, nw1, nw2, nw3, na0, na1, na2, na3
     else:
         # Wide row tiles: every thread holds many columns of the accumulator, so the activation
         # scales of two steps would not fit in registers; load each step's own.
         for step in range(0, full_steps):
-            sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
-                w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, 4 * step, WIDE_SCALES)
+            sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _wide_step_scales(
+                w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, 4 * step, WIDE_SCALES, A_PER_STEP)
             acc = _step_dot(acc, w_base, a_base, step, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
-                            False, PTX_DECODE, ISSUE_AHEAD, F16_MMA)
-        sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _group_scales(
-            w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, last_group, WIDE_SCALES)
+                            False, PTX_DECODE, ISSUE_AHEAD, F16_MMA, A_PER_STEP)
+        sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = _wide_step_scales(
+            w_scale_ptr, w_rows, stride_ws_n, a_scale_ptr, a_rows, stride_as_m, last_group, WIDE_SCALES, A_PER_STEP)
     if k_size % 128 != 0:
         acc = _step_dot(acc, w_base, a_base, full_steps, k_size, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3,
-                        True, PTX_DECODE, ISSUE_AHEAD, F16_MMA)
+                        True, PTX_DECODE, ISSUE_AHEAD, F16_MMA, A_PER_STEP)
     # The decode yields value * 2^-6 (see decode_e2m1_pair); undo it once, not per group.
     return acc * 64.0
 
@@ -225,7 +262,8 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n,
 @triton.jit
 def expert_rows_dot(w_ptr, w_scale_ptr, w_rows, w_mask, stride_w_n, stride_ws_n, a_ptr, a_rows, a_mask, stride_a_m,
                     a_scale_ptr, stride_as_m, k_size, QUANTIZED: tl.constexpr, BLOCK_K: tl.constexpr,
-                    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr):
+                    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr,
+                    A_PER_STEP: tl.constexpr):
     """One expert's W[w_rows, :k_size] @ A[a_rows, :k_size].T, fp32 [BLOCK_W, BLOCK_M], in the
     layer's mode (L1 and L2 share it). fp8xfp4: `mxfp4_rows_dot`, with the rows outside the
     masks clamped to row 0 (computed, never stored), stride_w_n the stride between row tiles
@@ -234,8 +272,8 @@ def expert_rows_dot(w_ptr, w_scale_ptr, w_rows, w_mask, stride_w_n, stride_ws_n,
     if QUANTIZED:
         acc = mxfp4_rows_dot(w_ptr, w_scale_ptr, tl.where(w_mask, w_rows, 0), stride_w_n, stride_ws_n, a_ptr,
                              tl.where(a_mask, a_rows, 0), stride_a_m, a_scale_ptr, stride_as_m, k_size,
-                             PTX_DECODE=not UPCAST, ISSUE_AHEAD=a_rows.shape[0] <= 32, WIDE_SCALES=WIDE_SCALES,
-                             F16_MMA=F16_MMA)
+                             PTX_DECODE=not UPCAST, ISSUE_AHEAD=a_rows.shape[0] <= NARROW_ROWS, WIDE_SCALES=WIDE_SCALES,
+                             F16_MMA=F16_MMA, A_PER_STEP=A_PER_STEP)
     else:
         acc = bf16_rows_dot(w_ptr, w_rows, w_mask, stride_w_n, a_ptr, a_rows, a_mask, stride_a_m, k_size,
                             BLOCK_K=BLOCK_K, UPCAST=UPCAST)

@@ -34,7 +34,7 @@ def _l1_tile(
     QUANTIZED: tl.constexpr, HAS_CLAMP: tl.constexpr, INTER_SF_FP32: tl.constexpr,
     HAS_BIAS: tl.constexpr, GPT_OSS: tl.constexpr, GATHERED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr,
+    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr, A_PER_STEP: tl.constexpr,
 ):
     tile_m = tile // num_cols_tiles
     tile_n = tile % num_cols_tiles
@@ -60,7 +60,7 @@ def _l1_tile(
     expert64 = expert.to(tl.int64)
     acc = expert_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e, w_rows, w_mask,
                           stride_w_n, stride_ws_n, a_ptr, a_rows, row_mask, stride_a_m, a_scale_ptr, stride_as_m,
-                          hidden, QUANTIZED, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA)
+                          hidden, QUANTIZED, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert64 * 2 * inter + w_rows, mask=w_mask, other=0.0)[:, None]
@@ -107,7 +107,7 @@ def _l1_swiglu_kernel(
     QUANTIZED: tl.constexpr, HAS_CLAMP: tl.constexpr, INTER_SF_FP32: tl.constexpr,
     HAS_BIAS: tl.constexpr, GPT_OSS: tl.constexpr, GATHERED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
+    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr, A_PER_STEP: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
 ):
     after_predecessor(PDL)
     # Tiles are counted on the device. The host sizes the grid to the most tiles the entries can
@@ -121,10 +121,10 @@ def _l1_swiglu_kernel(
                      expert_offsets_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n,
                      bias_ptr, inter_ptr, inter_scale_ptr, stride_is_m, hidden, inter, num_local_experts, num_topk,
                      num_cols_tiles, clamp, QUANTIZED, HAS_CLAMP, INTER_SF_FP32, HAS_BIAS, GPT_OSS, GATHERED,
-                     BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA)
+                     BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP)
     elif tl.program_id(0) < num_tiles:
         _l1_tile(tl.program_id(0), a_ptr, a_scale_ptr, stride_a_m, stride_as_m, topk_weights_ptr, sorted_rows_ptr,
                  expert_offsets_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, bias_ptr,
                  inter_ptr, inter_scale_ptr, stride_is_m, hidden, inter, num_local_experts, num_topk,
                  num_cols_tiles, clamp, QUANTIZED, HAS_CLAMP, INTER_SF_FP32, HAS_BIAS, GPT_OSS, GATHERED, BLOCK_M,
-                 BLOCK_N, BLOCK_E, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA)
+                 BLOCK_N, BLOCK_E, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP)
