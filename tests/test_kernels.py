@@ -439,6 +439,20 @@ def test_persistent_launches_go_without_pdl(monkeypatch):
     assert persistent["PDL"] is False and "launch_pdl" not in persistent
 
 
+def test_grids_under_one_wave_go_without_pdl(monkeypatch):
+    """A one-tile grid smaller than what the GPU holds at once is launched without PDL (its
+    programs would crowd the SMs the kernel before frees first); one wave or more keeps it."""
+    from megamoe import experts
+    monkeypatch.setenv("TRITON_INTERPRET", "1")   # the resident count without compiling anything
+    kernel = _RecordingKernel()
+    pdl = {"PDL": True, "launch_pdl": True}
+    for programs in (experts.INTERPRETER_PROGRAMS - 1, experts.INTERPRETER_PROGRAMS):
+        experts._launch(kernel, (programs,), False, (), dict(pdl, BLOCK_M=16))
+    (small_grid, small), (wave_grid, wave) = kernel.launches
+    assert small_grid == (experts.INTERPRETER_PROGRAMS - 1,) and small["PDL"] is False and "launch_pdl" not in small
+    assert wave_grid == (experts.INTERPRETER_PROGRAMS,) and wave["PDL"] and wave["launch_pdl"]
+
+
 def _mxfp4(e: int, n: int, k: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     return megamoe.formats.quantize_mxfp4(torch.randn(e, n, k, generator=g) * 2.0 ** torch.randint(-4, 5, (e, n, 1),

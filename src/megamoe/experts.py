@@ -97,6 +97,12 @@ def programs_per_sm(regs_per_thread: int, num_warps: int, shared_bytes: int, reg
     return max(1, min(by_regs, by_smem, by_threads, MAX_BLOCKS_PER_SM))
 
 
+def _without_pdl(kwargs: dict) -> dict:
+    kwargs = dict(kwargs, PDL=False)
+    kwargs.pop("launch_pdl", None)
+    return kwargs
+
+
 def _launch(kernel, grid: tuple, persistent: bool, args: tuple, kwargs: dict) -> None:
     """Launch `kernel`; a persistent one with at most as many programs as the GPU holds at once."""
     kwargs = dict(kwargs, PERSISTENT=persistent)
@@ -104,9 +110,14 @@ def _launch(kernel, grid: tuple, persistent: bool, args: tuple, kwargs: dict) ->
         # Launched after its predecessor has finished (no PDL): the symm backend's persistent L1
         # and L2 with PDL were 2-7% slower at 64-128 tokens per rank (2 and 4 x H200, 2026-11-28,
         # docs/EP.md), for 2 us at one token and 2-3% at 4096.
-        kwargs.pop("launch_pdl", None)
-        kwargs["PDL"] = False
+        kwargs = _without_pdl(kwargs)
         grid = (min(grid[0], _resident_programs(kernel, args, kwargs)),)
+    elif kwargs.get("PDL") and grid[0] < _resident_programs(kernel, args, _without_pdl(kwargs)):
+        # A grid of less than one wave goes without PDL: launched early, its programs take the
+        # slots that the kernel before frees first, up to a full SM each, instead of being spread
+        # over every SM (gpt-oss-120b's L2 at one token, 225 programs: 25.6 us without PDL, 30.5
+        # with, H200, docs/PERF.md).
+        kwargs = _without_pdl(kwargs)
     kernel[grid](*args, **kwargs)
 
 
