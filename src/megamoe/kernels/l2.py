@@ -66,7 +66,8 @@ def _l2_kernel(
     peer_ptrs_ptr, out_offset, entries_per_rank,
     QUANTIZED: tl.constexpr, HAS_BIAS: tl.constexpr, GATHERED: tl.constexpr, REMOTE_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr, A_PER_STEP: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
+    UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr, A_PER_STEP: tl.constexpr,
+    PERSISTENT: tl.constexpr, PDL: tl.constexpr,
 ):
     after_predecessor(PDL)
     # Tiles are counted on the device; one per program, or looped over when PERSISTENT (as in L1).

@@ -158,9 +158,11 @@ def plan(topk_idx: torch.Tensor, num_entries: int, buf, recv_stats: torch.Tensor
     # The scatter gathers offsets with a [BLOCK, BLOCK_E] compare; keep that tile bounded.
     block = max(16, min(BLOCK, 16384 // block_e))
     pdl = pdl_options(topk_idx.device)
+    # Without recv_stats the kernels never read their stats pointer (HAS_STATS): any int32 tensor.
+    stats = recv_stats if recv_stats is not None else buf.expert_count
     if SINGLE_PROGRAM and peers is None and num_entries <= block:
         _plan_single_kernel[(1,)](topk_idx, buf.expert_count, buf.expert_offsets, buf.sorted_rows,
-                                  recv_stats if recv_stats is not None else buf.expert_count, buf.meta, num_entries,
+                                  stats, buf.meta, num_entries,
                                   buf.num_experts, first_expert, buf.num_local_experts, buf.max_recv_rows,
                                   HAS_STATS=recv_stats is not None, BLOCK=block, BLOCK_E=block_e,
                                   META_BAD=META_BAD_EXPERT_IDS, META_DROPPED=META_DROPPED_ROWS, num_warps=8,
@@ -175,7 +177,6 @@ def plan(topk_idx: torch.Tensor, num_entries: int, buf, recv_stats: torch.Tensor
                              buf.num_topk, BLOCK=block, META_BAD=META_BAD_EXPERT_IDS, META_TOKENS=META_NUM_TOKENS,
                              META_FAIL=META_FAILED, PEERS=peers is not None, **pdl)
     _plan_scatter_kernel[grid](topk_idx, buf.expert_count, buf.slot_rank, buf.expert_offsets,
-                               buf.sorted_rows, recv_stats if recv_stats is not None else buf.expert_count,
-                               buf.meta, num_entries, buf.num_experts, first_expert, buf.num_local_experts,
-                               buf.max_recv_rows, HAS_STATS=recv_stats is not None, BLOCK=block, BLOCK_E=block_e,
-                               META_DROPPED=META_DROPPED_ROWS, **pdl)
+                               buf.sorted_rows, stats, buf.meta, num_entries, buf.num_experts, first_expert,
+                               buf.num_local_experts, buf.max_recv_rows, HAS_STATS=recv_stats is not None,
+                               BLOCK=block, BLOCK_E=block_e, META_DROPPED=META_DROPPED_ROWS, **pdl)
