@@ -12,6 +12,10 @@ nibbles, see `weights.py`), multiplied with the matching 32 columns of the FP8 a
 Every group of 32 has its own weight scale (per row n) and activation scale (per row m), so
 the partial product of each group is promoted into the accumulator with scale
 2^(ew - 127) * 2^(ea - 127); the decode's 2^-6 (see `decode_e2m1_pair`) is undone at the end.
+Prefill tiles (more than NARROW_ROWS rows) read rows rebased to one activation scale per 128
+of K (kernels/rebase.py): their four partial products of a step are summed with the weight
+scales alone and promoted once with the row's scale (A_PER_STEP), a quarter of the promotion
+work, which was a quarter of prefill's time (docs/PERF.md, v12).
 
 Which tensor cores multiply (the buffer's `mma`): FP8 MMAs by default. On Hopper their sums
 inside one MMA are truncated (a k = 32 MMA is off the exact sum by 2.8e-5 of sum |a_k b_k| at
