@@ -472,10 +472,11 @@ def _check_ranks_agree(group, rank: int, num_ranks: int, device: torch.device, a
 
 
 def describe_layout(regions: list[Region]) -> str:
-    lines = [f"{'region':<16}{'shape':<24}{'dtype':<16}{'MiB':>10}"]
+    name_width = max(len(r.name) for r in regions) + 2
+    lines = [f"{'region':<{name_width}}{'shape':<24}{'dtype':<16}{'MiB':>10}"]
     for r in regions:
-        lines.append(f"{r.name:<16}{str(list(r.shape)):<24}{str(r.dtype).replace('torch.', ''):<16}"
+        lines.append(f"{r.name:<{name_width}}{str(list(r.shape)):<24}{str(r.dtype).replace('torch.', ''):<16}"
                      f"{r.nbytes / 2**20:>10.2f}")
     total = regions[-1].offset + regions[-1].nbytes
-    lines.append(f"{'total':<56}{total / 2**20:>10.2f}")
+    lines.append(f"{'total':<{name_width + 40}}{total / 2**20:>10.2f}")
     return "\n".join(lines)
