@@ -2,8 +2,9 @@
 
 The heuristic looks at the average rows per local expert. Decode batches give each expert a
 handful of rows, so the token side of the tile is as small as the tensor cores allow (16)
-and many programs stream weights in parallel; prefill batches get 128-row tiles so each
-decoded weight tile is reused by many tokens.
+and many programs stream weights in parallel; prefill batches get 64-row tiles so each
+decoded weight tile is reused by many tokens (128-row tiles, 256 weight rows a tile, 4 stages
+and 4 warps were each slower on an H200, docs/PERF.md).
 """
 
 from __future__ import annotations
