@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 import megamoe
 from megamoe.buffer import buffer_layout
+from megamoe.kernels.config import GemmConfig, force_config
 from megamoe.testing import MoEShape, make_problem, relative_error
 
 from gloo_ranks import run_ranks
@@ -112,6 +113,12 @@ def _run_ep_cases(rank, num_ranks, group, cases, device_type="cpu", backend="ncc
     return results
 
 
+def _run_ep_cases_forced(rank, num_ranks, group, cases, device_type, backend, configs):
+    """Worker: `_run_ep_cases` with the given tile configs forced (`config.force_config`)."""
+    with force_config(**configs):
+        return _run_ep_cases(rank, num_ranks, group, cases, device_type, backend)
+
+
 def _ep1(case: EPCase, device="cpu"):
     """EP = 1 on the global inputs in this process: the problem, y, and rows per expert."""
     p = _global_problem(case).to(device)
@@ -180,6 +187,25 @@ def test_ep_matches_ep1(case, path, ep_runs, monkeypatch):
         pytest.skip("this process runs compiled Triton here; the interpreter path is for CPU-only machines")
     monkeypatch.setenv("TRITON_INTERPRET", PATHS[path])
     _check_against_ep1(case, ep_runs(len(case.tokens), path))
+
+
+PREFILL_TILES = dict(l1=GemmConfig(64, 32, 8, 3), l2=GemmConfig(64, 64, 8, 3))
+
+
+@pytest.mark.parametrize("backend", ["nccl", "symm"])
+def test_prefill_tiles_across_ranks(backend, tmp_path, monkeypatch):
+    """The prefill tiles at 2 ranks, where the received rows and `inter` are rebased per 128 of
+    K in place (kernels/rebase.py; the symm backend counts its rows on the device), against
+    EP = 1 with the same tiles, where x is rebased into x_rebased: bitwise, as for every case.
+    H = 160 and I = 96 end on partial K steps."""
+    if torch.cuda.is_available():
+        pytest.skip("this process runs compiled Triton here; the GPU runs check the EP paths (megamoe bench --ep)")
+    case = EPCase((40, 29), hidden=160, inter=96, masked=0.2)
+    env = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    ranks = run_ranks(_run_ep_cases_forced, 2, [case], "cpu", backend, PREFILL_TILES, workdir=tmp_path, env=env)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with force_config(**PREFILL_TILES):
+        _check_against_ep1(case, ranks)
 
 
 # ------------------------------------------------------------------ errors across ranks
