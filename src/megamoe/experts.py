@@ -198,7 +198,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         # Gathered rows are counted on the device (expert_offsets[-1]); otherwise every entry
         # reads row entry // entries_per_row.
         rebase_rows(a, a_scales, dst, dst_scales, num_entries if gathered else num_entries // entries_per_row,
-                    hidden, count=buf.expert_offsets[experts:] if gathered else None, pdl=pdl_options(buf.device))
+                    hidden, count=buf.expert_offsets[experts:] if gathered else None)
         a, a_scales = dst, dst_scales
     wide = max(a_scales.numel(), buf.inter_scales.numel(), l1.w_sf.numel() if quantized else 0) >= 2**31
     args = (
@@ -261,7 +261,7 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
     a_per_step = quantized and is_wide(cfg) and buf.intermediate_sf == "ue8m0"
     if a_per_step:
         rebase_rows(buf.inter, buf.inter_scales, buf.inter, buf.inter_scales, num_entries, inter,
-                    count=buf.expert_offsets[experts:], pdl=pdl_options(buf.device))
+                    count=buf.expert_offsets[experts:])
     w_sf = l2.w_sf if quantized else placeholder
     peer_ptrs, out_offset, entries_per_rank = remote if remote is not None else (placeholder, 0, 1)
     if out is None:

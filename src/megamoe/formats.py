@@ -230,12 +230,13 @@ def rebase_fp8_steps(q: torch.Tensor, scales: torch.Tensor, k: int) -> tuple[tor
     """
     rows = q.shape[0]
     groups = -(-k // SCALE_GROUP)
+    per_step = 128 // SCALE_GROUP
     out_q, out_s = q.clone(), scales.clone()
-    for first in range(0, groups, GROUPS_PER_WORD):
-        step = range(first, min(first + GROUPS_PER_WORD, groups))
+    for first in range(0, groups, per_step):
+        step = range(first, min(first + per_step, groups))
         top = scales[:, list(step)].amax(dim=1)
         for g in step:
             cols = slice(g * SCALE_GROUP, min((g + 1) * SCALE_GROUP, k))
             out_q[:, cols] = (q[:, cols].float() * (scales[:, g] / top).unsqueeze(1)).to(torch.float8_e4m3fn)
-        out_s[:, first:first + GROUPS_PER_WORD] = top.reshape(rows, 1)
+        out_s[:, first:first + per_step] = top.reshape(rows, 1)
     return out_q, out_s

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .common import after_predecessor, round_to_e4m3
+from .launch import pdl_options
 
 BLOCK_ROWS = 32
 
@@ -59,7 +60,7 @@ def _rebase_kernel(src_ptr, src_scale_ptr, dst_ptr, dst_scale_ptr, count_ptr, nu
              tl.broadcast_to(top[:, None], (BLOCK_R, 4)), mask=row_ok[:, None])
 
 
-def rebase_rows(src, src_scales, dst, dst_scales, num_rows: int, k_size: int, count=None, pdl=None) -> None:
+def rebase_rows(src, src_scales, dst, dst_scales, num_rows: int, k_size: int, count=None) -> None:
     """Rebase rows [0, num_rows) of (src, src_scales) into (dst, dst_scales) (may be the same
     tensors); with `count` (int32 device tensor) only rows below count[0]. No host sync."""
     if num_rows == 0:
@@ -68,4 +69,4 @@ def rebase_rows(src, src_scales, dst, dst_scales, num_rows: int, k_size: int, co
     _rebase_kernel[grid](
         src, src_scales, dst, dst_scales, count if count is not None else src_scales, num_rows,
         src.stride(0), src_scales.stride(0), dst.stride(0), dst_scales.stride(0), k_size,
-        COUNTED=count is not None, BLOCK_R=BLOCK_ROWS, num_warps=4, **(pdl or {"PDL": False}))
+        COUNTED=count is not None, BLOCK_R=BLOCK_ROWS, num_warps=4, **pdl_options(src.device))
