@@ -189,22 +189,26 @@ def test_ep_matches_ep1(case, path, ep_runs, monkeypatch):
     _check_against_ep1(case, ep_runs(len(case.tokens), path))
 
 
-PREFILL_TILES = dict(l1=GemmConfig(64, 32, 8, 3), l2=GemmConfig(64, 64, 8, 3))
+TILES = {"prefill": dict(l1=GemmConfig(64, 32, 8, 3), l2=GemmConfig(64, 64, 8, 3)),
+         "fma": dict(l1=GemmConfig(1, 32, 4, 1), l2=GemmConfig(2, 64, 4, 1))}
 
 
 @pytest.mark.parametrize("backend", ["nccl", "symm"])
-def test_prefill_tiles_across_ranks(backend, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tiles", ["prefill", "fma"])
+def test_tile_kinds_across_ranks(tiles, backend, tmp_path, monkeypatch):
     """The prefill tiles at 2 ranks, where the received rows and `inter` are rebased per 128 of
-    K in place (kernels/rebase.py; the symm backend counts its rows on the device), against
-    EP = 1 with the same tiles, where x is rebased into x_rebased: bitwise, as for every case.
-    H = 160 and I = 96 end on partial K steps."""
+    K in place (kernels/rebase.py; the symm backend counts its rows on the device), and the FMA
+    tiles, which read the received rows (gathered in expert order by symm) one or two at a time;
+    against EP = 1 with the same tiles (x rebased into x_rebased for the prefill tiles): bitwise,
+    as for every case. H = 160 and I = 96 end on partial K steps. The FMA tiles' case is a
+    decode batch: one-row programs are slow in the interpreter."""
     if torch.cuda.is_available():
         pytest.skip("this process runs compiled Triton here; the GPU runs check the EP paths (megamoe bench --ep)")
-    case = EPCase((40, 29), hidden=160, inter=96, masked=0.2)
+    case = EPCase((40, 29) if tiles == "prefill" else (9, 5), hidden=160, inter=96, masked=0.2)
     env = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    ranks = run_ranks(_run_ep_cases_forced, 2, [case], "cpu", backend, PREFILL_TILES, workdir=tmp_path, env=env)
+    ranks = run_ranks(_run_ep_cases_forced, 2, [case], "cpu", backend, TILES[tiles], workdir=tmp_path, env=env)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with force_config(**PREFILL_TILES):
+    with force_config(**TILES[tiles]):
         _check_against_ep1(case, ranks)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import megamoe
-from megamoe.kernels.config import GemmConfig, force_config
+from megamoe.kernels.config import GemmConfig, force_config, is_fma
 from megamoe.testing import MoEShape, make_problem, relative_error
 
 from tolerances import LAYER_EXACT_PRODUCTS, LAYER_KERNEL_VS_REFERENCE
@@ -158,10 +158,14 @@ def test_reruns_are_bitwise_identical(device):
     (GemmConfig(16, 32, 4, 2), GemmConfig(16, 16, 4, 2, block_k=32)),
     (GemmConfig(32, 64, 4, 3, block_k=32), GemmConfig(64, 32, 4, 3, block_k=128)),
     (GemmConfig(64, 32, 8, 3), GemmConfig(64, 64, 8, 3)),     # prefill tiles: rebased rows on both
+    (GemmConfig(1, 32, 4, 1), GemmConfig(2, 64, 4, 1)),       # FMA tiles (fp8xfp4 only)
+    (GemmConfig(2, 32, 4, 2), GemmConfig(1, 32, 4, 2)),       # FMA tiles loading a step ahead
 ])
 @pytest.mark.parametrize("mode", ["fp8xfp4", "bf16xbf16"])
 def test_every_tile_config_path(l1, l2, mode, device):
     """Several row tiles per expert, unrolled and partial K steps, narrow column tiles."""
+    if mode == "bf16xbf16" and is_fma(l1):
+        pytest.skip("FMA tiles are fp8xfp4 only (test_fma_tiles_need_fp8xfp4)")
     case = Case(160, 96, 4, 2, 40, 40, routing="skewed", mode=mode)
     with force_config(l1=l1, l2=l2):
         p, _, _, y, _ = run_case(case, device)
@@ -249,6 +253,39 @@ def test_prefill_tiles_on_spread_scales(case, device):
     assert relative_error(y, reference(case, p)[0]) <= tolerance
 
 
+FMA_TILES = dict(l1=GemmConfig(1, 32, 4, 2), l2=GemmConfig(2, 64, 4, 1))
+
+
+@pytest.mark.parametrize("case", [Case(160, 96, 4, 2, 40, 40, routing="skewed"),
+                                  Case(160, 96, 4, 2, 40, 40, intermediate_sf="fp32"),
+                                  Case(2880, 64, 4, 2, 5, 8)], ids=str)
+def test_fma_tiles_multiply_exactly(case, device):
+    """The FMA tiles (one or two rows, FP32 units) multiply the FP8 and MXFP4 values exactly and
+    sum in FP32, so they meet the exact-products tolerance with FP8 MMAs configured (the default
+    `mma`), on tokens whose groups of 32 are up to 2^12 apart, with K ending on a partial step
+    (H = 160, 2880)."""
+    shape = MoEShape("case", case.experts, case.topk, case.hidden, case.inter)
+    p = make_problem(shape, case.tokens, routing=case.routing, seed=5)
+    p.x = _spread_groups(p.x, seed=6)
+    p = p.to(device)
+    buf = megamoe.MegaMoEBuffer(case.experts, case.capacity, case.topk, case.hidden, case.inter,
+                                intermediate_sf=case.intermediate_sf, device=device)
+    l1, l2 = megamoe.transform_weights(p.l1, p.l2)
+    megamoe.pre_dispatch(p.x, p.topk_idx, p.topk_weights, buf)
+    y = torch.full_like(p.x, float("nan"))
+    with force_config(**FMA_TILES):
+        megamoe.mega_moe(y, l1, l2, buf)
+    assert relative_error(y, reference(case, p)[0]) <= LAYER_EXACT_PRODUCTS
+
+
+def test_fma_tiles_need_fp8xfp4(device):
+    case = Case(96, 64, 4, 2, 5, 8, mode="bf16xbf16")
+    with force_config(**FMA_TILES), pytest.raises(ValueError, match="l1 config: one- and two-row FMA tiles"):
+        run_case(case, device)
+    with pytest.raises(ValueError, match="GemmConfig.block_m"):
+        GemmConfig(4, 32, 4, 1)
+
+
 def test_cpu_torch_path_agrees(monkeypatch, device):
     case = CASES[2]
     p, _, _, y_kernels, _ = run_case(case, device)
@@ -260,8 +297,8 @@ def test_cpu_torch_path_agrees(monkeypatch, device):
     assert relative_error(y_torch, y_kernels) <= LAYER_KERNEL_VS_REFERENCE
 
 
-@pytest.mark.parametrize("configs", [{}, dict(l1=GemmConfig(64, 32, 8, 3), l2=GemmConfig(64, 64, 8, 3))],
-                         ids=["heuristic", "prefill-tiles"])
+@pytest.mark.parametrize("configs", [{}, dict(l1=GemmConfig(64, 32, 8, 3), l2=GemmConfig(64, 64, 8, 3)),
+                                     FMA_TILES], ids=["heuristic", "prefill-tiles", "fma-tiles"])
 def test_nan_in_one_token_stays_there(configs, device):
     case = CASES[0]
     shape = MoEShape("case", case.experts, case.topk, case.hidden, case.inter)

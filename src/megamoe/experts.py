@@ -21,7 +21,7 @@ import triton
 
 from . import env
 from .formats import ue8m0_to_float
-from .kernels.config import is_wide, pick_config
+from .kernels.config import is_fma, is_wide, pick_config
 from .kernels.l1_swiglu import _l1_swiglu_kernel
 from .kernels.l2 import _l2_kernel
 from .kernels.launch import pdl_options
@@ -37,16 +37,23 @@ class ExpertOptions:
     activation_clamp: float | None = None
 
 
-def _tiling(which: str, num_entries: int, num_experts: int, width: int, rows_hint: int | None = None):
+def _tiling(which: str, num_entries: int, num_experts: int, width: int, quantized: bool,
+            rows_hint: int | None = None):
     """(config, column tiles, grid) of a grouped GEMM writing `width` output columns.
 
     The grid covers the most row tiles the entries can need when each expert's rows are tiled
     separately (known on the host without a sync); programs past the real tiles exit at once.
     rows_hint, when given, picks the tile config instead of num_entries.
     """
-    cfg = pick_config(which, num_entries if rows_hint is None else rows_hint, num_experts)
+    cfg = pick_config(which, num_entries if rows_hint is None else rows_hint, num_experts, quantized)
+    if not quantized and is_fma(cfg):
+        raise ValueError(f"{which} config: one- and two-row FMA tiles (block_m {cfg.block_m}) exist in the "
+                         f"fp8xfp4 mode only")
     col_tiles = triton.cdiv(width, cfg.block_n)
-    row_tiles = triton.cdiv(num_entries, cfg.block_m) + min(num_experts, num_entries)
+    # Each expert's last tile may be partial: one more tile an expert with rows, except for
+    # one-row tiles, which are never partial.
+    partial = min(num_experts, num_entries) if cfg.block_m > 1 else 0
+    row_tiles = triton.cdiv(num_entries, cfg.block_m) + partial
     return cfg, col_tiles, (row_tiles * col_tiles,)
 
 
@@ -189,7 +196,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
     # bf16xbf16 has no weight scales and a layer may have no bias: the kernel never reads
     # these placeholder pointers then.
     placeholder = l1.w
-    cfg, col_tiles, grid = _tiling("l1", num_entries, experts, inter, rows_hint)
+    cfg, col_tiles, grid = _tiling("l1", num_entries, experts, inter, quantized, rows_hint)
     w_sf = l1.w_sf if quantized else placeholder
     a_scales = a_scales if quantized else placeholder
     a_per_step = quantized and is_wide(cfg)
@@ -216,6 +223,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", GATHERED=gathered,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
         UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16", A_PER_STEP=a_per_step,
+        FMA_AHEAD=is_fma(cfg) and cfg.num_stages > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_register_cap("l1", persistent and quantized, cfg),
         **pdl_options(buf.device),
     )
@@ -257,7 +265,7 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
     placeholder = l2.w
-    cfg, col_tiles, grid = _tiling("l2", num_entries, experts, hidden, rows_hint)
+    cfg, col_tiles, grid = _tiling("l2", num_entries, experts, hidden, quantized, rows_hint)
     a_per_step = quantized and is_wide(cfg) and buf.intermediate_sf == "ue8m0"
     if a_per_step:
         rebase_rows(buf.inter, buf.inter_scales, buf.inter, buf.inter_scales, num_entries, inter,
@@ -277,6 +285,7 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
         QUANTIZED=quantized, HAS_BIAS=l2.bias is not None, GATHERED=gathered, REMOTE_OUT=remote is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
         UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16", A_PER_STEP=a_per_step,
+        FMA_AHEAD=is_fma(cfg) and cfg.num_stages > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_register_cap("l2", persistent and quantized, cfg),
         **pdl_options(buf.device),
     )

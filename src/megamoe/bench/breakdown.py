@@ -25,6 +25,11 @@ from .timing import time_graph
 # name: forced configs; {} = the heuristic.
 VARIANTS = {
     "default": {},
+    "m16": dict(l1=GemmConfig(16, 32, 4, 4), l2=GemmConfig(16, 64, 4, 4)),
+    # FMA tiles: one or two rows a tile on the FP32 units (expert_mma.mxfp4_rows_fma).
+    "fma1": dict(l1=GemmConfig(1, 32, 4, 1), l2=GemmConfig(1, 64, 4, 1)),
+    "fma2": dict(l1=GemmConfig(2, 32, 4, 1), l2=GemmConfig(2, 64, 4, 1)),
+    "fma1s2": dict(l1=GemmConfig(1, 32, 4, 2), l2=GemmConfig(1, 64, 4, 2)),   # weights loaded a step ahead
     "n64": dict(l1=GemmConfig(16, 64, 4, 4), l2=GemmConfig(16, 128, 4, 4)),
     "m32": dict(l1=GemmConfig(32, 32, 4, 4), l2=GemmConfig(32, 64, 4, 4)),
     "m64": dict(l1=GemmConfig(64, 32, 4, 3), l2=GemmConfig(64, 64, 4, 3)),

@@ -1,10 +1,11 @@
 """Tile configurations of the grouped GEMMs: a deterministic heuristic with an override.
 
-The heuristic looks at the average rows per local expert. Decode batches give each expert a
-handful of rows, so the token side of the tile is as small as the tensor cores allow (16)
-and many programs stream weights in parallel; prefill batches get 64-row tiles so each
-decoded weight tile is reused by many tokens (128-row tiles, 256 weight rows a tile, 4 stages
-and 4 warps were each slower on an H200, docs/PERF.md).
+The heuristic looks at the average rows per local expert. Up to about one row an expert (decode
+at 1-32 tokens) the FP8 x MXFP4 GEMMs run one-row FMA tiles on the FP32 units; a few rows an
+expert get MMA tiles whose token side is as small as the tensor cores allow (16), so many
+programs stream weights in parallel; prefill batches get 64-row tiles so each decoded weight
+tile is reused by many tokens (128-row tiles, 256 weight rows a tile, 4 stages and 4 warps were
+each slower on an H200, docs/PERF.md).
 """
 
 from __future__ import annotations
@@ -15,19 +16,28 @@ from dataclasses import dataclass
 from .. import env
 
 
+FMA_ROWS = 2
+"""Row tiles of at most this many rows are FMA tiles (`expert_mma.mxfp4_rows_fma`, FP8 x MXFP4
+only): the weights are decoded and multiplied on the FP32 units, with no MMA. At one or two
+rows an expert, an MMA tile multiplies mostly padding, and each step waits for its MMAs."""
+
+
 @dataclass(frozen=True)
 class GemmConfig:
-    block_m: int      # rows (tokens) per tile: the N side of the MMA
+    block_m: int      # rows (tokens) per tile: the N side of the MMA; 1-2 for FMA tiles
     block_n: int      # output columns per tile (L1: intermediate columns, so 2x weight rows)
     num_warps: int
     num_stages: int
     block_k: int = 64  # bf16xbf16: K per loop step (the fp8xfp4 loop steps 128 of K)
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k"):
+        for name in ("block_n", "block_k"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"GemmConfig.{name}: expected a power of two >= 16, got {value}")
+        if self.block_m < 1 or self.block_m & (self.block_m - 1) or FMA_ROWS < self.block_m < 16:
+            raise ValueError(f"GemmConfig.block_m: expected a power of two >= 16 (MMA tiles) or 1 to {FMA_ROWS} "
+                             f"(FMA tiles), got {self.block_m}")
 
 
 
@@ -59,19 +69,39 @@ def is_wide(cfg: GemmConfig) -> bool:
     return cfg.block_m > NARROW_ROWS
 
 
+def is_fma(cfg: GemmConfig) -> bool:
+    return cfg.block_m <= FMA_ROWS
+
+
 INTERPRETER_CONFIG = GemmConfig(16, 64, 4, 1)
 """Under TRITON_INTERPRET the fewest, widest programs run fastest on the CPU; the tests force
 the GPU configs' shapes (narrow tiles, several row tiles per expert) explicitly
 (test_every_tile_config_path)."""
 
 
-def pick_config(which: str, num_rows: int, num_local_experts: int) -> GemmConfig:
-    """Config for `which` ("l1" or "l2") given the total rows routed to the local experts."""
+FMA_UP_TO = 1.0
+"""Average rows per local expert up to which the FP8 x MXFP4 GEMMs use one-row FMA tiles. Same
+run on an H200 (2026-12-02, docs/PERF.md), call us of the MMA decode tiles -> FMA tiles at 2 /
+8 / 32 / 64 tokens: v4-flash (0.05 / 0.19 / 0.75 / 1.5 rows an expert) 108 -> 81, 363 -> 246,
+1046 -> 874, 1603 -> 1752; gpt-oss-120b (0.06 / 0.25 / 1 / 2) 99 -> 71, 266 -> 181, 689 -> 600,
+924 -> 1143. Two-row tiles were slower than one-row ones at every size."""
+
+FMA_AHEAD_UP_TO = 1 / 32
+"""... and up to which they load each step's weights a step ahead (num_stages = 2): one token
+(v4-flash 61.8 -> 55.5 us, gpt-oss-120b 60.7 -> 50.9); at two tokens it was slower (v4-flash
+81.1 -> 91.8) or even (gpt-oss-120b), and slower from four on."""
+
+
+def pick_config(which: str, num_rows: int, num_local_experts: int, quantized: bool = True) -> GemmConfig:
+    """Config for `which` ("l1" or "l2") given the total rows routed to the local experts;
+    `quantized`: the FP8 x MXFP4 mode (FMA tiles exist in it only)."""
     if which in _forced:
         return _forced[which]
     if env.triton_interpret():
         return INTERPRETER_CONFIG
     rows_per_expert = num_rows / max(num_local_experts, 1)
+    if quantized and rows_per_expert <= FMA_UP_TO:
+        return GemmConfig(1, 32 if which == "l1" else 64, 4, 2 if rows_per_expert <= FMA_AHEAD_UP_TO else 1)
     # Decode tiles are memory-bound: narrow weight tiles make more programs to stream weights in
     # parallel (measured on an H200, docs/PERF.md). Wider row tiles reuse each decoded weight
     # tile for more tokens; 64 is the widest that fits the registers without spilling.

@@ -17,7 +17,12 @@ of K (kernels/rebase.py): their four partial products of a step are summed with 
 scales alone and promoted once with the row's scale (A_PER_STEP), a quarter of the promotion
 work, which was a quarter of prefill's time (docs/PERF.md, v12).
 
-Which tensor cores multiply (the buffer's `mma`): FP8 MMAs by default. On Hopper their sums
+FMA tiles (one or two activation rows, `mxfp4_rows_fma`, decode batches of up to about one row
+an expert): no MMA at all. The same decoded weights are converted to FP32 and multiplied with
+the rows' FP8 activations on the FP32 units, exact products with FP32 sums; at such sizes an
+MMA tile's 16-row side is mostly padding and each step waits for its MMAs (docs/PERF.md, v14).
+
+Which tensor cores multiply in the MMA tiles (the buffer's `mma`): FP8 MMAs by default. On Hopper their sums
 inside one MMA are truncated (a k = 32 MMA is off the exact sum by 2.8e-5 of sum |a_k b_k| at
 the median, H200; DeepSeek-V3's report describes the same on H800), and the requantization
 after L1 turns a few of those differences into whole FP8 steps: that is the 2-3e-3 layer error
@@ -30,12 +35,14 @@ import triton
 import triton.language as tl
 
 from ..weights import TILE_ROWS as _TILE_ROWS
+from .config import FMA_ROWS as _FMA_ROWS
 from .config import NARROW_ROWS as _NARROW_ROWS
 from .common import decode_e2m1_pair
 
 TILE_ROWS = tl.constexpr(_TILE_ROWS)
 TILE_STEP_BYTES = tl.constexpr(_TILE_ROWS * 64)   # one 128-wide step of a row tile, 4 bits a weight
 NARROW_ROWS = tl.constexpr(_NARROW_ROWS)
+FMA_ROWS = tl.constexpr(_FMA_ROWS)
 
 
 @triton.jit
@@ -264,16 +271,153 @@ def mxfp4_rows_dot(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n,
 
 
 @triton.jit
+def _load_scales(ptrs, PTX: tl.constexpr):
+    """The bf16 or fp32 scales at `ptrs` as fp32, in the layout of the tensors they multiply.
+
+    A tl.load gets a layout of its own from the compiler (one suited to coalescing), and the
+    FMA tiles' K loop then converted the scales through shared memory, with barriers, every
+    step; an inline-PTX load is an elementwise op and takes its consumers' layout (GPU only).
+    """
+    if PTX:
+        if ptrs.dtype.element_ty == tl.bfloat16:
+            return tl.inline_asm_elementwise(
+                asm="{ .reg .b16 h, z; ld.global.nc.b16 h, [$1]; mov.b16 z, 0; mov.b32 $0, {z, h}; }",
+                constraints="=r,l", args=[ptrs], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(asm="ld.global.nc.f32 $0, [$1];", constraints="=r,l", args=[ptrs],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    return tl.load(ptrs).to(tl.float32)
+
+
+@triton.jit
+def _fma_row(lo, hi, a_ptr, a_scale_ptr, row, stride_a_m, stride_as_m, step, k_lo, g_lo, k_size,
+             MASKED: tl.constexpr, PTX: tl.constexpr):
+    """Partial sums [BLOCK_W, 4, 1] of one activation row against a step's decoded weights:
+    entry (n, q) is weight row n's 16-byte piece q, its low nibbles (group g_lo[q]) and high
+    nibbles (group g_lo[q] + 1) each multiplied by the row's activations and group scale."""
+    k = 128 * step + k_lo
+    base = a_ptr + row * stride_a_m + k
+    if MASKED:
+        x_lo = tl.load(base, mask=k < k_size, other=0.0).to(tl.float32)
+        x_hi = tl.load(base + 32, mask=k + 32 < k_size, other=0.0).to(tl.float32)
+    else:
+        x_lo = tl.load(base).to(tl.float32)
+        x_hi = tl.load(base + 32).to(tl.float32)
+    s_ptrs = a_scale_ptr + row * stride_as_m + 4 * step + g_lo
+    s_lo = _load_scales(s_ptrs, PTX)
+    s_hi = _load_scales(s_ptrs + 1, PTX)
+    return tl.sum(lo * x_lo, axis=2, keep_dims=True) * s_lo, tl.sum(hi * x_hi, axis=2, keep_dims=True) * s_hi
+
+
+@triton.jit
+def _fma_step(raw, step, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m, stride_as_m, k_lo, g_lo,
+              k_size, R: tl.constexpr, MASKED: tl.constexpr, PTX: tl.constexpr):
+    """acc0, acc1 (rows row0, row1) + one 128-wide step of K from its bytes `raw` [BLOCK_W, 64]."""
+    packed = tl.reshape(raw, (raw.shape[0], 4, 16))
+    if PTX:
+        lo, hi = decode_e2m1_pair_packed(packed)
+    else:
+        lo, hi = decode_e2m1_pair(packed)
+    lo = lo.to(tl.float32)
+    hi = hi.to(tl.float32)
+    sw_lo = _load_scales(ws_ptrs + 4 * step, PTX)
+    sw_hi = _load_scales(ws_ptrs + 4 * step + 1, PTX)
+    p_lo, p_hi = _fma_row(lo, hi, a_ptr, a_scale_ptr, row0, stride_a_m, stride_as_m, step, k_lo, g_lo, k_size,
+                          MASKED, PTX)
+    acc0 += p_lo * sw_lo + p_hi * sw_hi
+    if R > 1:
+        p_lo, p_hi = _fma_row(lo, hi, a_ptr, a_scale_ptr, row1, stride_a_m, stride_as_m, step, k_lo, g_lo, k_size,
+                              MASKED, PTX)
+        acc1 += p_lo * sw_lo + p_hi * sw_hi
+    return acc0, acc1
+
+
+@triton.jit
+def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr, a_rows, stride_a_m, a_scale_ptr,
+                   stride_as_m, k_size, PTX: tl.constexpr, WIDE_SCALES: tl.constexpr, AHEAD: tl.constexpr):
+    """`mxfp4_rows_dot` for one or two activation rows (FMA tiles), on the FP32 units.
+
+    Each thread loads 16 bytes of a weight row a step (32 weights: 16 of one scale group in
+    the low nibbles, 16 of the next in the high ones, weights.py), decodes them as the MMA tiles
+    do, converts them to FP32 and multiplies them with the row's FP8 activations: exact products
+    and FP32 sums, like `mma="fp16"`. Each (row, piece) keeps a partial sum per step, promoted
+    with the group's weight and activation scales; the pieces are summed once at the end.
+    No shared memory and no MMA wait, so a step costs its loads and about five instructions a
+    weight; at decode the MMA tiles' 16-row side is mostly padding (docs/PERF.md).
+    a_rows [R] valid row indices (R = 1 or 2). Returns fp32 [BLOCK_W, R].
+    AHEAD: load each step's weights a step early (grids of less than a wave, where too few
+    bytes are in flight; num_stages = 2 in the tile config).
+    """
+    BLOCK_W: tl.constexpr = w_rows.shape[0]
+    R: tl.constexpr = a_rows.shape[0]
+    r = tl.arange(0, R)
+    row0 = tl.sum(tl.where(r == 0, a_rows, 0), axis=0)
+    row1 = tl.sum(tl.where(r == R - 1, a_rows, 0), axis=0)
+    # A row's 64 bytes of a step as one contiguous axis, so a thread loads 16 of them at once and
+    # a warp's threads take consecutive pieces; `_fma_step` reshapes them to [row, piece, byte].
+    w_ptrs = (w_ptr + (w_rows // TILE_ROWS)[:, None] * stride_w_tile + (w_rows % TILE_ROWS)[:, None] * 64
+              + tl.arange(0, 64)[None, :])
+    q = tl.arange(0, 4)
+    # Byte j of chunk c holds element 64c + j (low nibble) and 64c + 32 + j (high nibble).
+    k_lo = (64 * (q // 2) + 16 * (q % 2))[None, :, None] + tl.arange(0, 16)[None, None, :]
+    # Scales and partial sums are [BLOCK_W, 4, 1]: the layout of the pieces' sums.
+    g_lo = 2 * (q // 2)[None, :, None]
+    if WIDE_SCALES:
+        w_rows = w_rows.to(tl.int64)
+    ws_ptrs = w_scale_ptr + w_rows[:, None, None] * stride_ws_n + g_lo
+    acc0 = tl.zeros((BLOCK_W, 4, 1), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_W, 4, 1), dtype=tl.float32)
+    full_steps = k_size // 128
+    if AHEAD:
+        # Two steps an iteration, each step's bytes loaded a step before they are used, into a
+        # register set of its own (the compiler does not pipeline loads that feed no tl.dot, and
+        # rotating one set of loaded registers waits for the load at the loop's back edge).
+        a_raw = tl.load(w_ptrs)
+        for step in range(0, full_steps - 1, 2):
+            b_raw = tl.load(w_ptrs + (step + 1) * TILE_STEP_BYTES)
+            acc0, acc1 = _fma_step(a_raw, step, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m,
+                                   stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
+            # Step + 2 may be the partial step or past the last one: clamped, that load re-reads.
+            a_raw = tl.load(w_ptrs + tl.minimum(step + 2, tl.cdiv(k_size, 128) - 1) * TILE_STEP_BYTES)
+            acc0, acc1 = _fma_step(b_raw, step + 1, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m,
+                                   stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
+        if full_steps % 2 == 1:
+            acc0, acc1 = _fma_step(a_raw, full_steps - 1, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1,
+                                   stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
+    else:
+        for step in range(0, full_steps):
+            acc0, acc1 = _fma_step(tl.load(w_ptrs + step * TILE_STEP_BYTES), step, acc0, acc1, ws_ptrs, a_ptr,
+                                   a_scale_ptr, row0, row1, stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, False,
+                                   PTX)
+    if k_size % 128 != 0:
+        # Weights past K are code 0 in the tiled layout; the activations past K are masked (they
+        # are the next row's, or past the end of the buffer).
+        acc0, acc1 = _fma_step(tl.load(w_ptrs + full_steps * TILE_STEP_BYTES), full_steps, acc0, acc1, ws_ptrs,
+                               a_ptr, a_scale_ptr, row0, row1, stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, True,
+                               PTX)
+    # The decode yields value * 2^-6 (see decode_e2m1_pair); undone once.
+    out0 = tl.sum(tl.sum(acc0, axis=2), axis=1) * 64.0
+    if R == 1:
+        out = out0[:, None]
+    else:
+        out = tl.join(out0, tl.sum(tl.sum(acc1, axis=2), axis=1) * 64.0)
+    return out
+
+
+@triton.jit
 def expert_rows_dot(w_ptr, w_scale_ptr, w_rows, w_mask, stride_w_n, stride_ws_n, a_ptr, a_rows, a_mask, stride_a_m,
                     a_scale_ptr, stride_as_m, k_size, QUANTIZED: tl.constexpr, BLOCK_K: tl.constexpr,
                     UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr,
-                    A_PER_STEP: tl.constexpr):
+                    A_PER_STEP: tl.constexpr, FMA_AHEAD: tl.constexpr):
     """One expert's W[w_rows, :k_size] @ A[a_rows, :k_size].T, fp32 [BLOCK_W, BLOCK_M], in the
     layer's mode (L1 and L2 share it). fp8xfp4: `mxfp4_rows_dot`, with the rows outside the
     masks clamped to row 0 (computed, never stored), stride_w_n the stride between row tiles
     (`ExpertWeights.w.stride(1)`); bf16xbf16: `bf16_rows_dot`, masked loads, stride_w_n the
     stride between rows."""
-    if QUANTIZED:
+    if QUANTIZED and a_rows.shape[0] <= FMA_ROWS:
+        acc = mxfp4_rows_fma(w_ptr, w_scale_ptr, tl.where(w_mask, w_rows, 0), stride_w_n, stride_ws_n, a_ptr,
+                             tl.where(a_mask, a_rows, 0), stride_a_m, a_scale_ptr, stride_as_m, k_size,
+                             PTX=not UPCAST, WIDE_SCALES=WIDE_SCALES, AHEAD=FMA_AHEAD)
+    elif QUANTIZED:
         acc = mxfp4_rows_dot(w_ptr, w_scale_ptr, tl.where(w_mask, w_rows, 0), stride_w_n, stride_ws_n, a_ptr,
                              tl.where(a_mask, a_rows, 0), stride_a_m, a_scale_ptr, stride_as_m, k_size,
                              PTX_DECODE=not UPCAST, ISSUE_AHEAD=a_rows.shape[0] <= NARROW_ROWS, WIDE_SCALES=WIDE_SCALES,
