@@ -94,13 +94,13 @@ def variants():
                 QUANTIZED=True, HAS_CLAMP=False, INTER_SF_FP32=False, HAS_BIAS=False, GPT_OSS=False, GATHERED=symm,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False,
                 WIDE_SCALES=False, F16_MMA=F16_MMA, A_PER_STEP=is_wide(cfg), PERSISTENT=symm, PDL=not symm,
-                FMA_AHEAD=cfg.num_stages - 1 if is_fma(cfg) else 0)
+                FMA_AHEAD=is_fma(cfg) and cfg.num_stages == 2)
             cfg = pick_config("l2", int(rows_per_expert * 256), 256)
             yield ("l2" + tag, cfg), _l2_kernel, L2_TYPES, dict(
                 QUANTIZED=True, HAS_BIAS=False, GATHERED=symm, REMOTE_OUT=symm, BLOCK_M=cfg.block_m,
                 BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False, WIDE_SCALES=False,
                 F16_MMA=F16_MMA, A_PER_STEP=is_wide(cfg), PERSISTENT=symm, PDL=not symm,
-                FMA_AHEAD=cfg.num_stages - 1 if is_fma(cfg) else 0)
+                FMA_AHEAD=is_fma(cfg) and cfg.num_stages == 2)
     if SYMM:
         from megamoe.comm.symm import _barrier_kernel, _gather_kernel
 

@@ -49,8 +49,8 @@ def _tiling(which: str, num_entries: int, num_experts: int, width: int, quantize
     if not quantized and is_fma(cfg):
         raise ValueError(f"{which} config: one- and two-row FMA tiles (block_m {cfg.block_m}) exist in the "
                          f"fp8xfp4 mode only")
-    if is_fma(cfg) and cfg.num_stages not in (1, 2, 4):
-        raise ValueError(f"{which} config: FMA tiles load 0, 1 or 3 steps ahead (num_stages 1, 2 or 4), "
+    if is_fma(cfg) and cfg.num_stages not in (1, 2):
+        raise ValueError(f"{which} config: FMA tiles load 0 or 1 step ahead (num_stages 1 or 2), "
                          f"got num_stages {cfg.num_stages}")
     col_tiles = triton.cdiv(width, cfg.block_n)
     # Each expert's last tile may be partial: one more tile an expert with rows, except for
@@ -226,7 +226,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", GATHERED=gathered,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
         UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16", A_PER_STEP=a_per_step,
-        FMA_AHEAD=cfg.num_stages - 1 if is_fma(cfg) else 0,
+        FMA_AHEAD=is_fma(cfg) and cfg.num_stages == 2,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_register_cap("l1", persistent and quantized, cfg),
         **pdl_options(buf.device),
     )
@@ -288,7 +288,7 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
         QUANTIZED=quantized, HAS_BIAS=l2.bias is not None, GATHERED=gathered, REMOTE_OUT=remote is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
         UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16", A_PER_STEP=a_per_step,
-        FMA_AHEAD=cfg.num_stages - 1 if is_fma(cfg) else 0,
+        FMA_AHEAD=is_fma(cfg) and cfg.num_stages == 2,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_register_cap("l2", persistent and quantized, cfg),
         **pdl_options(buf.device),
     )

@@ -344,8 +344,9 @@ def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr
     No shared memory and no MMA wait, so a step costs its loads and about five instructions a
     weight; at decode the MMA tiles' 16-row side is mostly padding (docs/PERF.md).
     a_rows [R] valid row indices (R = 1 or 2). Returns fp32 [BLOCK_W, R].
-    AHEAD: 0, 1 or 3 steps of weights loaded before they are used (num_stages - 1 of the tile
-    config): grids of less than a wave, where too few bytes are in flight.
+    AHEAD: load each step's weights a step before it is used (num_stages = 2 in the tile config):
+    grids of less than a wave, where too few bytes are in flight. (Three steps ahead, unrolled
+    by four, was slower at one and two tokens, docs/PERF.md.)
     """
     BLOCK_W: tl.constexpr = w_rows.shape[0]
     R: tl.constexpr = a_rows.shape[0]
@@ -367,12 +368,12 @@ def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr
     acc0 = tl.zeros((BLOCK_W, 4, 1), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_W, 4, 1), dtype=tl.float32)
     full_steps = k_size // 128
-    # Loads past the last step (the partial one or beyond) are clamped to it: they re-read.
-    last = tl.cdiv(k_size, 128) - 1
-    if AHEAD == 1:
+    if AHEAD:
         # Two steps an iteration, each step's bytes loaded a step before they are used, into a
         # register set of its own (the compiler does not pipeline loads that feed no tl.dot, and
         # rotating one set of loaded registers waits for the load at the loop's back edge).
+        # A load past the last whole step (the partial one, or beyond) is clamped: it re-reads.
+        last = tl.cdiv(k_size, 128) - 1
         a_raw = tl.load(w_ptrs)
         for step in range(0, full_steps - 1, 2):
             b_raw = tl.load(w_ptrs + (step + 1) * TILE_STEP_BYTES)
@@ -384,35 +385,6 @@ def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr
         if full_steps % 2 == 1:
             acc0, acc1 = _fma_step(a_raw, full_steps - 1, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1,
                                    stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
-    elif AHEAD == 3:
-        # The same, four steps an iteration, each loaded three steps before it is used.
-        a_raw = tl.load(w_ptrs)
-        b_raw = tl.load(w_ptrs + tl.minimum(1, last) * TILE_STEP_BYTES)
-        c_raw = tl.load(w_ptrs + tl.minimum(2, last) * TILE_STEP_BYTES)
-        for step in range(0, full_steps - 3, 4):
-            d_raw = tl.load(w_ptrs + (step + 3) * TILE_STEP_BYTES)
-            acc0, acc1 = _fma_step(a_raw, step, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m,
-                                   stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
-            a_raw = tl.load(w_ptrs + tl.minimum(step + 4, last) * TILE_STEP_BYTES)
-            acc0, acc1 = _fma_step(b_raw, step + 1, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m,
-                                   stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
-            b_raw = tl.load(w_ptrs + tl.minimum(step + 5, last) * TILE_STEP_BYTES)
-            acc0, acc1 = _fma_step(c_raw, step + 2, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m,
-                                   stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
-            c_raw = tl.load(w_ptrs + tl.minimum(step + 6, last) * TILE_STEP_BYTES)
-            acc0, acc1 = _fma_step(d_raw, step + 3, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m,
-                                   stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
-        rest = full_steps % 4
-        done = full_steps - rest
-        if rest >= 1:
-            acc0, acc1 = _fma_step(a_raw, done, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m,
-                                   stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
-        if rest >= 2:
-            acc0, acc1 = _fma_step(b_raw, done + 1, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m,
-                                   stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
-        if rest >= 3:
-            acc0, acc1 = _fma_step(c_raw, done + 2, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m,
-                                   stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
     else:
         for step in range(0, full_steps):
             acc0, acc1 = _fma_step(tl.load(w_ptrs + step * TILE_STEP_BYTES), step, acc0, acc1, ws_ptrs, a_ptr,
