@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from megamoe.formats import e2m1_lut
-from megamoe.kernels.expert_mma import decode_e2m1_pair_packed
+from megamoe.kernels.expert_mma import _load_scales, decode_e2m1_pair_packed
 from megamoe.kernels.common import decode_e2m1_pair
 from megamoe.weights import TILE_ROWS, tile_steps
 
@@ -59,20 +59,6 @@ VARIANTS = [Variant(), Variant(block_w=32), Variant(block_w=32, unroll2=True, sp
             Variant(split=2), Variant(split=4), Variant(block_w=32, split=2), Variant(unroll2=True, split=2),
             Variant(wide_a=False), Variant(wide_a=False, unroll2=True), Variant(rows=2), Variant(rows=2, unroll2=True),
             Variant(rows=2, wide_a=False, unroll2=True)]
-
-
-@triton.jit
-def _load_scales(ptrs, PTX: tl.constexpr):
-    """Scales at `ptrs` (bf16 or fp32) as fp32, in the layout of their consumers: a tl.load
-    would get a layout of its own and a shared-memory conversion every step (GPU: inline PTX)."""
-    if PTX:
-        if ptrs.dtype.element_ty == tl.bfloat16:
-            return tl.inline_asm_elementwise(
-                asm="{ .reg .b16 h, z; ld.global.nc.b16 h, [$1]; mov.b16 z, 0; mov.b32 $0, {z, h}; }",
-                constraints="=r,l", args=[ptrs], dtype=tl.float32, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(asm="ld.global.nc.f32 $0, [$1];", constraints="=r,l", args=[ptrs],
-                                         dtype=tl.float32, is_pure=True, pack=1)
-    return tl.load(ptrs).to(tl.float32)
 
 
 @triton.jit
