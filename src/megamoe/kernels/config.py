@@ -84,7 +84,7 @@ FMA_UP_TO = 1.0
 run on an H200 (2026-12-02, docs/PERF.md), call us of the MMA decode tiles -> FMA tiles at 2 /
 8 / 32 / 64 tokens: v4-flash (0.05 / 0.19 / 0.75 / 1.5 rows an expert) 108 -> 81, 363 -> 246,
 1046 -> 874, 1603 -> 1752; gpt-oss-120b (0.06 / 0.25 / 1 / 2) 99 -> 71, 266 -> 181, 689 -> 600,
-924 -> 1143. Two-row tiles were slower than one-row ones at every size."""
+924 -> 1143. Two-row tiles were slower than one-row ones from 1 to 32 tokens."""
 
 FMA_AHEAD_UP_TO = 1 / 32
 """... and up to which they load each step's weights a step ahead (num_stages = 2): one token
