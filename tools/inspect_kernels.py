@@ -84,9 +84,10 @@ def innermost_mma_loop(sass: str) -> int | None:
 
 
 def variants():
-    """The heuristic's configs for a v4-flash-like shape, decode and prefill; with --symm also
-    the symm backend's variants (gathered rows, L2 writing to peers) and its own kernels."""
-    for rows_per_expert in (0.1, 1, 200):
+    """The heuristic's configs for a v4-flash-like shape at 0.1, 2 and 200 rows an expert (FMA,
+    MMA decode and prefill tiles); with --symm also the symm backend's variants (gathered rows,
+    L2 writing to peers) and its own kernels."""
+    for rows_per_expert in (0.1, 2, 200):
         for symm in (False, True) if SYMM else (False,):
             tag = "-symm" if symm else ""
             cfg = pick_config("l1", int(rows_per_expert * 256), 256)
