@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from megamoe.experts import _register_cap
-from megamoe.kernels.config import GemmConfig, is_fma, is_wide, pick_config
+from megamoe.kernels.config import GemmConfig, fma_ahead, is_wide, pick_config
 from megamoe.kernels.l1_swiglu import _l1_swiglu_kernel
 from megamoe.kernels.l2 import _l2_kernel
 
@@ -95,13 +95,13 @@ def variants():
                 QUANTIZED=True, HAS_CLAMP=False, INTER_SF_FP32=False, HAS_BIAS=False, GPT_OSS=False, GATHERED=symm,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False,
                 WIDE_SCALES=False, F16_MMA=F16_MMA, A_PER_STEP=is_wide(cfg), PERSISTENT=symm, PDL=not symm,
-                FMA_AHEAD=is_fma(cfg) and cfg.num_stages == 2)
+                FMA_AHEAD=fma_ahead(cfg))
             cfg = pick_config("l2", int(rows_per_expert * 256), 256)
             yield ("l2" + tag, cfg), _l2_kernel, L2_TYPES, dict(
                 QUANTIZED=True, HAS_BIAS=False, GATHERED=symm, REMOTE_OUT=symm, BLOCK_M=cfg.block_m,
                 BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False, WIDE_SCALES=False,
                 F16_MMA=F16_MMA, A_PER_STEP=is_wide(cfg), PERSISTENT=symm, PDL=not symm,
-                FMA_AHEAD=is_fma(cfg) and cfg.num_stages == 2)
+                FMA_AHEAD=fma_ahead(cfg))
     if SYMM:
         from megamoe.comm.symm import _barrier_kernel, _gather_kernel
 

@@ -21,7 +21,7 @@ import triton
 
 from . import env
 from .formats import ue8m0_to_float
-from .kernels.config import is_fma, is_wide, pick_config
+from .kernels.config import fma_ahead, is_fma, is_wide, pick_config
 from .kernels.l1_swiglu import _l1_swiglu_kernel
 from .kernels.l2 import _l2_kernel
 from .kernels.launch import pdl_options
@@ -226,7 +226,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", GATHERED=gathered,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
         UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16", A_PER_STEP=a_per_step,
-        FMA_AHEAD=is_fma(cfg) and cfg.num_stages == 2,
+        FMA_AHEAD=fma_ahead(cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_register_cap("l1", persistent and quantized, cfg),
         **pdl_options(buf.device),
     )
@@ -288,7 +288,7 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
         QUANTIZED=quantized, HAS_BIAS=l2.bias is not None, GATHERED=gathered, REMOTE_OUT=remote is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
         UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16", A_PER_STEP=a_per_step,
-        FMA_AHEAD=is_fma(cfg) and cfg.num_stages == 2,
+        FMA_AHEAD=fma_ahead(cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_register_cap("l2", persistent and quantized, cfg),
         **pdl_options(buf.device),
     )

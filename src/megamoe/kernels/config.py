@@ -73,6 +73,11 @@ def is_fma(cfg: GemmConfig) -> bool:
     return cfg.block_m <= FMA_ROWS
 
 
+def fma_ahead(cfg: GemmConfig) -> bool:
+    """FMA tiles with num_stages = 2 load each step's weights a step ahead (`FMA_AHEAD`)."""
+    return is_fma(cfg) and cfg.num_stages == 2
+
+
 INTERPRETER_CONFIG = GemmConfig(16, 64, 4, 1)
 """Under TRITON_INTERPRET the fewest, widest programs run fastest on the CPU; the tests force
 the GPU configs' shapes (narrow tiles, several row tiles per expert) explicitly
