@@ -161,10 +161,13 @@ def plan(topk_idx: torch.Tensor, num_entries: int, buf, recv_stats: torch.Tensor
     # Without recv_stats the kernels never read their stats pointer (HAS_STATS): any int32 tensor.
     stats = recv_stats if recv_stats is not None else buf.expert_count
     if SINGLE_PROGRAM and peers is None and num_entries <= block:
+        # Sized to the entries: its [BLOCK, BLOCK_E] one-hot table and the scan down it are the
+        # program's work (one token of gpt-oss-120b: 4 entries in a 128 x 128 table before).
         _plan_single_kernel[(1,)](topk_idx, buf.expert_count, buf.expert_offsets, buf.sorted_rows,
                                   stats, buf.meta, num_entries,
                                   buf.num_experts, first_expert, buf.num_local_experts, buf.max_recv_rows,
-                                  HAS_STATS=recv_stats is not None, BLOCK=block, BLOCK_E=block_e,
+                                  HAS_STATS=recv_stats is not None, BLOCK=max(16, triton.next_power_of_2(num_entries)),
+                                  BLOCK_E=block_e,
                                   META_BAD=META_BAD_EXPERT_IDS, META_DROPPED=META_DROPPED_ROWS, num_warps=8,
                                   **pdl)
         return
