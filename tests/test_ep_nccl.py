@@ -190,21 +190,25 @@ def test_ep_matches_ep1(case, path, ep_runs, monkeypatch):
 
 
 TILES = {"prefill": dict(l1=GemmConfig(64, 32, 8, 3), l2=GemmConfig(64, 64, 8, 3)),
-         "fma": dict(l1=GemmConfig(1, 32, 4, 1), l2=GemmConfig(2, 64, 4, 1))}
+         "fma": dict(l1=GemmConfig(1, 32, 4, 1), l2=GemmConfig(2, 64, 4, 1)),
+         "split": dict(l1=GemmConfig(16, 32, 4, 4, fma_mix=2), l2=GemmConfig(16, 64, 4, 4, fma_mix=1))}
 
 
 @pytest.mark.parametrize("backend", ["nccl", "symm"])
-@pytest.mark.parametrize("tiles", ["prefill", "fma"])
+@pytest.mark.parametrize("tiles", ["prefill", "fma", "split"])
 def test_tile_kinds_across_ranks(tiles, backend, tmp_path, monkeypatch):
     """The prefill tiles at 2 ranks, where the received rows and `inter` are rebased per 128 of
     K in place (kernels/rebase.py; the symm backend counts its rows on the device), and the FMA
-    tiles, which read the received rows (gathered in expert order by symm) one or two at a time;
+    tiles, which read the received rows (gathered in expert order by symm) one or two at a time,
+    and the split launches (MMA tiles, then FMA tiles, each selecting experts by row count);
     against EP = 1 with the same tiles (x rebased into x_rebased for the prefill tiles): bitwise,
     as for every case. H = 160 and I = 96 end on partial K steps. The FMA tiles' case is a
     decode batch: one-row programs are slow in the interpreter."""
     if torch.cuda.is_available():
         pytest.skip("this process runs compiled Triton here; the GPU runs check the EP paths (megamoe bench --ep)")
-    case = EPCase((40, 29) if tiles == "prefill" else (9, 5), hidden=160, inter=96, masked=0.2)
+    # (4, 4): rank 0's experts get 1, 2, 4 and 1 rows, rank 1's 1, 1, 5 and 1.
+    tokens = {"prefill": (40, 29), "fma": (9, 5), "split": (4, 4)}[tiles]
+    case = EPCase(tokens, hidden=160, inter=96, masked=0.2)
     env = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     ranks = run_ranks(_run_ep_cases_forced, 2, [case], "cpu", backend, TILES[tiles], workdir=tmp_path, env=env)
     monkeypatch.setenv("TRITON_INTERPRET", "1")

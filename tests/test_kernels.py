@@ -160,11 +160,12 @@ def test_reruns_are_bitwise_identical(device):
     (GemmConfig(64, 32, 8, 3), GemmConfig(64, 64, 8, 3)),     # prefill tiles: rebased rows on both
     (GemmConfig(1, 32, 4, 1), GemmConfig(2, 64, 4, 1)),       # FMA tiles (fp8xfp4 only)
     (GemmConfig(2, 32, 4, 2), GemmConfig(1, 32, 4, 2)),       # FMA tiles loading a step ahead
+    (GemmConfig(16, 32, 4, 4, fma_mix=2), GemmConfig(16, 64, 4, 4, fma_mix=1)),   # split with FMA tiles
 ])
 @pytest.mark.parametrize("mode", ["fp8xfp4", "bf16xbf16"])
 def test_every_tile_config_path(l1, l2, mode, device):
     """Several row tiles per expert, unrolled and partial K steps, narrow column tiles."""
-    if mode == "bf16xbf16" and is_fma(l1):
+    if mode == "bf16xbf16" and (is_fma(l1) or l1.fma_mix):
         pytest.skip("FMA tiles are fp8xfp4 only (test_fma_tiles_need_fp8xfp4)")
     case = Case(160, 96, 4, 2, 40, 40, routing="skewed", mode=mode)
     with force_config(l1=l1, l2=l2):
@@ -285,12 +286,50 @@ def test_fma_tiles_multiply_exactly(case, tiles, device):
     assert relative_error(y, reference(case, p)[0]) <= LAYER_EXACT_PRODUCTS
 
 
+MIXED_TILES = {1: dict(l1=GemmConfig(16, 32, 4, 4, fma_mix=1), l2=GemmConfig(16, 64, 4, 4, fma_mix=1)),
+               2: dict(l1=GemmConfig(16, 32, 4, 4, fma_mix=2), l2=GemmConfig(16, 64, 4, 4, fma_mix=2))}
+
+
+@pytest.mark.parametrize("mix", [1, 2])
+def test_mixed_tiles_multiply_exactly(mix, device):
+    """MMA decode tiles split with one-row FMA tiles (`GemmConfig.fma_mix`): of experts with 1,
+    2, 3, 17 and 18 rows, those with at most `mix` rows go to the FMA launch and the others to
+    the MMA launch, so a tile missed or taken twice by the two launches' expert selection shows;
+    with exact products on the MMA side (mma="fp16") the whole call meets the exact-products
+    tolerance. Rows arrive in a shuffled order, groups of 32 are up to 2^12 apart, and H = 160
+    ends on a partial K step."""
+    hidden, inter, experts = 160, 96, 6
+    counts = [1, 2, 3, 17, 18, 0]
+    shape = MoEShape("case", experts, 1, hidden, inter)
+    tokens = sum(counts)
+    p = make_problem(shape, tokens, seed=7)
+    g = torch.Generator().manual_seed(8)
+    order = torch.randperm(tokens, generator=g)
+    p.topk_idx = torch.repeat_interleave(torch.arange(experts), torch.tensor(counts))[order].unsqueeze(1)
+    p.x = _spread_groups(p.x, seed=9)
+    p = p.to(device)
+    buf = megamoe.MegaMoEBuffer(experts, tokens, 1, hidden, inter, mma="fp16", device=device)
+    l1, l2 = megamoe.transform_weights(p.l1, p.l2)
+    megamoe.pre_dispatch(p.x, p.topk_idx, p.topk_weights, buf)
+    y = torch.full_like(p.x, float("nan"))
+    with force_config(**MIXED_TILES[mix]):
+        megamoe.mega_moe(y, l1, l2, buf)
+    ref = megamoe.reference.mega_moe_reference(p.x, p.topk_idx, p.topk_weights, p.l1, p.l2)
+    assert relative_error(y, ref) <= LAYER_EXACT_PRODUCTS
+
+
 def test_fma_tiles_need_fp8xfp4(device):
     case = Case(96, 64, 4, 2, 5, 8, mode="bf16xbf16")
     with force_config(**FMA_TILES), pytest.raises(ValueError, match="l1 config: one- and two-row FMA tiles"):
         run_case(case, device)
+    with force_config(**MIXED_TILES[1]), pytest.raises(ValueError, match="l1 config: one- and two-row FMA tiles"):
+        run_case(case, device)
     with pytest.raises(ValueError, match="GemmConfig.block_m"):
         GemmConfig(4, 32, 4, 1)
+    with pytest.raises(ValueError, match="GemmConfig.fma_mix"):
+        GemmConfig(16, 32, 4, 1, fma_mix=3)
+    with pytest.raises(ValueError, match="GemmConfig.fma_mix"):
+        GemmConfig(64, 32, 8, 3, fma_mix=1)
     case = Case(96, 64, 4, 2, 5, 8)
     with force_config(l1=GemmConfig(1, 32, 4, 3)), pytest.raises(ValueError, match="num_stages 1 or 2"):
         run_case(case, device)

@@ -95,13 +95,13 @@ def variants():
                 QUANTIZED=True, HAS_CLAMP=False, INTER_SF_FP32=False, HAS_BIAS=False, GPT_OSS=False, GATHERED=symm,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False,
                 WIDE_SCALES=False, F16_MMA=F16_MMA, A_PER_STEP=is_wide(cfg), PERSISTENT=symm, PDL=not symm,
-                FMA_AHEAD=fma_ahead(cfg))
+                FMA_AHEAD=fma_ahead(cfg), ROWS_ABOVE=0, ROWS_UP_TO=0)
             cfg = pick_config("l2", int(rows_per_expert * 256), 256)
             yield ("l2" + tag, cfg), _l2_kernel, L2_TYPES, dict(
                 QUANTIZED=True, HAS_BIAS=False, GATHERED=symm, REMOTE_OUT=symm, BLOCK_M=cfg.block_m,
                 BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False, WIDE_SCALES=False,
                 F16_MMA=F16_MMA, A_PER_STEP=is_wide(cfg), PERSISTENT=symm, PDL=not symm,
-                FMA_AHEAD=fma_ahead(cfg))
+                FMA_AHEAD=fma_ahead(cfg), ROWS_ABOVE=0, ROWS_UP_TO=0)
     if SYMM:
         from megamoe.comm.symm import _barrier_kernel, _gather_kernel
 

@@ -13,6 +13,7 @@ interpreter), with the kernels' rounding steps.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import triton
 
 from . import env
 from .formats import ue8m0_to_float
-from .kernels.config import fma_ahead, is_fma, is_wide, pick_config
+from .kernels.config import GemmConfig, fma_ahead, is_fma, is_wide, pick_config
 from .kernels.l1_swiglu import _l1_swiglu_kernel
 from .kernels.l2 import _l2_kernel
 from .kernels.launch import pdl_options
@@ -39,25 +40,41 @@ class ExpertOptions:
 
 def _tiling(which: str, num_entries: int, num_experts: int, width: int, quantized: bool,
             rows_hint: int | None = None):
-    """(config, column tiles, grid) of a grouped GEMM writing `width` output columns.
+    """(config, column tiles, launches) of a grouped GEMM writing `width` output columns.
 
-    The grid covers the most row tiles the entries can need when each expert's rows are tiled
-    separately (known on the host without a sync); programs past the real tiles exit at once.
-    rows_hint, when given, picks the tile config instead of num_entries.
+    launches: (tile config, ROWS_ABOVE, ROWS_UP_TO, grid) of each kernel launch, in order. One,
+    or with `fma_mix` a launch of the config's MMA tiles for the experts with more than fma_mix
+    rows and one of FMA tiles for each smaller count (the kernels' ROWS_ABOVE, ROWS_UP_TO). Each grid
+    covers the most row tiles the entries can need when each expert's rows are tiled separately
+    (known on the host without a sync); programs past the real tiles exit at once. rows_hint,
+    when given, picks the tile config instead of num_entries.
     """
     cfg = pick_config(which, num_entries if rows_hint is None else rows_hint, num_experts, quantized)
-    if not quantized and is_fma(cfg):
-        raise ValueError(f"{which} config: one- and two-row FMA tiles (block_m {cfg.block_m}) exist in the "
-                         f"fp8xfp4 mode only")
+    if not quantized and (is_fma(cfg) or cfg.fma_mix):
+        raise ValueError(f"{which} config: one- and two-row FMA tiles (block_m {cfg.block_m}, fma_mix "
+                         f"{cfg.fma_mix}) exist in the fp8xfp4 mode only")
     if is_fma(cfg) and cfg.num_stages not in (1, 2):
         raise ValueError(f"{which} config: FMA tiles load 0 or 1 step ahead (num_stages 1 or 2), "
                          f"got num_stages {cfg.num_stages}")
     col_tiles = triton.cdiv(width, cfg.block_n)
+    if cfg.fma_mix:
+        # Experts with more than fma_mix rows: the MMA tiles (at most entries // (fma_mix + 1) such
+        # experts, each with a partial tile); with one row: one-row FMA tiles; with two (fma_mix 2):
+        # two-row FMA tiles.
+        mix = cfg.fma_mix
+        mma_rows = triton.cdiv(num_entries, cfg.block_m) + min(num_experts, num_entries // (mix + 1))
+        launches = [(dataclasses.replace(cfg, fma_mix=0), mix, 0, (mma_rows * col_tiles,))]
+        if mix == 2:
+            launches.append((GemmConfig(2, cfg.block_n, cfg.num_warps, 1), 1, 2,
+                             (max(1, min(num_experts, num_entries // 2)) * col_tiles,)))
+        launches.append((GemmConfig(1, cfg.block_n, cfg.num_warps, 1), 0, 1,
+                         (max(1, min(num_experts, num_entries)) * col_tiles,)))
+        return cfg, col_tiles, launches
     # Each expert's last tile may be partial: one more tile an expert with rows, except for
     # one-row tiles, which are never partial.
     partial = min(num_experts, num_entries) if cfg.block_m > 1 else 0
     row_tiles = triton.cdiv(num_entries, cfg.block_m) + partial
-    return cfg, col_tiles, (row_tiles * col_tiles,)
+    return cfg, col_tiles, [(cfg, 0, 0, (row_tiles * col_tiles,))]
 
 
 # Persistent programs under the Triton interpreter (CPU tests): a few, so that each loops.
@@ -199,7 +216,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
     # bf16xbf16 has no weight scales and a layer may have no bias: the kernel never reads
     # these placeholder pointers then.
     placeholder = l1.w
-    cfg, col_tiles, grid = _tiling("l1", num_entries, experts, inter, quantized, rows_hint)
+    cfg, col_tiles, launches = _tiling("l1", num_entries, experts, inter, quantized, rows_hint)
     w_sf = l1.w_sf if quantized else placeholder
     a_scales = a_scales if quantized else placeholder
     a_per_step = quantized and is_wide(cfg)
@@ -220,17 +237,18 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         hidden, inter, experts, entries_per_row, col_tiles,
         float(opts.activation_clamp) if opts.activation_clamp is not None else 0.0,
     )
-    kwargs = dict(
-        QUANTIZED=quantized, HAS_CLAMP=opts.activation_clamp is not None,
-        INTER_SF_FP32=buf.intermediate_sf == "fp32",
-        HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", GATHERED=gathered,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16", A_PER_STEP=a_per_step,
-        FMA_AHEAD=fma_ahead(cfg),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_register_cap("l1", persistent and quantized, cfg),
-        **pdl_options(buf.device),
-    )
-    _launch(_l1_swiglu_kernel, grid, persistent, args, kwargs)
+    for part, rows_above, rows_up_to, grid in launches:
+        kwargs = dict(
+            QUANTIZED=quantized, HAS_CLAMP=opts.activation_clamp is not None,
+            INTER_SF_FP32=buf.intermediate_sf == "fp32",
+            HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", GATHERED=gathered,
+            BLOCK_M=part.block_m, BLOCK_N=part.block_n, BLOCK_E=triton.next_power_of_2(experts),
+            BLOCK_K=part.block_k, UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16",
+            A_PER_STEP=a_per_step, FMA_AHEAD=fma_ahead(part), ROWS_ABOVE=rows_above, ROWS_UP_TO=rows_up_to,
+            num_warps=part.num_warps, num_stages=part.num_stages,
+            **_register_cap("l1", persistent and quantized, part), **pdl_options(buf.device),
+        )
+        _launch(_l1_swiglu_kernel, grid, persistent, args, kwargs)
 
 
 # The persistent FP8 x MXFP4 tiles (symm backend) at 16 rows compile to more registers than the
@@ -268,7 +286,7 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
     placeholder = l2.w
-    cfg, col_tiles, grid = _tiling("l2", num_entries, experts, hidden, quantized, rows_hint)
+    cfg, col_tiles, launches = _tiling("l2", num_entries, experts, hidden, quantized, rows_hint)
     a_per_step = quantized and is_wide(cfg) and buf.intermediate_sf == "ue8m0"
     if a_per_step:
         rebase_rows(buf.inter, buf.inter_scales, buf.inter, buf.inter_scales, num_entries, inter,
@@ -284,15 +302,16 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
         l2.bias if l2.bias is not None else placeholder,
         out, hidden, inter, experts, col_tiles, peer_ptrs, out_offset, entries_per_rank,
     )
-    kwargs = dict(
-        QUANTIZED=quantized, HAS_BIAS=l2.bias is not None, GATHERED=gathered, REMOTE_OUT=remote is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=cfg.block_k,
-        UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16", A_PER_STEP=a_per_step,
-        FMA_AHEAD=fma_ahead(cfg),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_register_cap("l2", persistent and quantized, cfg),
-        **pdl_options(buf.device),
-    )
-    _launch(_l2_kernel, grid, persistent, args, kwargs)
+    for part, rows_above, rows_up_to, grid in launches:
+        kwargs = dict(
+            QUANTIZED=quantized, HAS_BIAS=l2.bias is not None, GATHERED=gathered, REMOTE_OUT=remote is not None,
+            BLOCK_M=part.block_m, BLOCK_N=part.block_n, BLOCK_E=triton.next_power_of_2(experts),
+            BLOCK_K=part.block_k, UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16",
+            A_PER_STEP=a_per_step, FMA_AHEAD=fma_ahead(part), ROWS_ABOVE=rows_above, ROWS_UP_TO=rows_up_to,
+            num_warps=part.num_warps, num_stages=part.num_stages,
+            **_register_cap("l2", persistent and quantized, part), **pdl_options(buf.device),
+        )
+        _launch(_l2_kernel, grid, persistent, args, kwargs)
 
 
 def _round_bf16(t: torch.Tensor) -> torch.Tensor:

@@ -100,31 +100,44 @@ def decode_e2m1_pair(packed):
 
 
 @triton.jit
-def _expert_row_ranges(expert_offsets_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """(e, lo, hi, tiles) [BLOCK_E]: expert e owns sorted rows [lo, hi), cut into `tiles` tiles."""
+def _expert_row_ranges(expert_offsets_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+                       ROWS_ABOVE: tl.constexpr, ROWS_UP_TO: tl.constexpr):
+    """(e, lo, hi, tiles) [BLOCK_E]: expert e owns sorted rows [lo, hi), cut into `tiles` tiles;
+    experts with ROWS_ABOVE rows or fewer, or (ROWS_UP_TO > 0) more than ROWS_UP_TO, get none."""
     e = tl.arange(0, BLOCK_E)
     in_range = e < num_experts
     lo = tl.load(expert_offsets_ptr + e, mask=in_range, other=0)
     hi = tl.load(expert_offsets_ptr + e + 1, mask=in_range, other=0)
-    return e, lo, hi, tl.cdiv(hi - lo, BLOCK_M)
+    count = hi - lo
+    tiles = tl.cdiv(count, BLOCK_M)
+    if ROWS_ABOVE > 0:
+        tiles = tl.where(count > ROWS_ABOVE, tiles, 0)
+    if ROWS_UP_TO > 0:
+        tiles = tl.where(count <= ROWS_UP_TO, tiles, 0)
+    return e, lo, hi, tiles
 
 
 @triton.jit
-def count_expert_tiles(expert_offsets_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Row tiles of BLOCK_M over all experts: sum of ceil(count / BLOCK_M) (see find_expert_tile)."""
-    _, _, _, tiles = _expert_row_ranges(expert_offsets_ptr, num_experts, BLOCK_M, BLOCK_E)
+def count_expert_tiles(expert_offsets_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+                       ROWS_ABOVE: tl.constexpr, ROWS_UP_TO: tl.constexpr):
+    """Row tiles of BLOCK_M over the experts selected by ROWS_ABOVE and ROWS_UP_TO (see
+    find_expert_tile)."""
+    _, _, _, tiles = _expert_row_ranges(expert_offsets_ptr, num_experts, BLOCK_M, BLOCK_E, ROWS_ABOVE, ROWS_UP_TO)
     return tl.sum(tiles, axis=0)
 
 
 @triton.jit
-def find_expert_tile(expert_offsets_ptr, num_experts, tile_id, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+def find_expert_tile(expert_offsets_ptr, num_experts, tile_id, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+                     ROWS_ABOVE: tl.constexpr, ROWS_UP_TO: tl.constexpr):
     """Map `tile_id` to (expert, first row, end row) over experts' rows cut into BLOCK_M tiles.
 
     expert_offsets_ptr: int32 [num_experts + 1], expert e owns sorted rows
-    [offsets[e], offsets[e+1]). Expert e has ceil(count / BLOCK_M) tiles, in expert order.
+    [offsets[e], offsets[e+1]). Expert e has ceil(count / BLOCK_M) tiles, in expert order; with
+    ROWS_ABOVE > 0 only experts with more rows than that have tiles, with ROWS_UP_TO > 0 only
+    experts with at most that many (the two kernels of a split launch, `GemmConfig.fma_mix`).
     Returns expert = num_experts when `tile_id` is past the last tile.
     """
-    e, lo, hi, tiles = _expert_row_ranges(expert_offsets_ptr, num_experts, BLOCK_M, BLOCK_E)
+    e, lo, hi, tiles = _expert_row_ranges(expert_offsets_ptr, num_experts, BLOCK_M, BLOCK_E, ROWS_ABOVE, ROWS_UP_TO)
     tile_end = tl.cumsum(tiles, axis=0)
     expert = tl.sum((tile_end <= tile_id).to(tl.int32), axis=0)
     this = e == expert

@@ -1,11 +1,12 @@
 """Tile configurations of the grouped GEMMs: a deterministic heuristic with an override.
 
-The heuristic looks at the average rows per local expert. Up to about one row an expert (decode
-at 1-32 tokens) the FP8 x MXFP4 GEMMs run one-row FMA tiles on the FP32 units; a few rows an
-expert get MMA tiles whose token side is as small as the tensor cores allow (16), so many
-programs stream weights in parallel; prefill batches get 64-row tiles so each decoded weight
-tile is reused by many tokens (128-row tiles, 256 weight rows a tile, 4 stages and 4 warps were
-each slower on an H200, docs/PERF.md).
+The heuristic looks at the average rows per local expert. Up to half a row an expert (decode
+at 1-16 tokens) the FP8 x MXFP4 GEMMs run one-row FMA tiles on the FP32 units; up to three rows
+an expert they split each GEMM by the experts' row counts (MMA tiles for the experts with three
+rows or more, FMA tiles for the others); more rows an expert get MMA tiles whose token side is
+as small as the tensor cores allow (16), so many programs stream weights in parallel; prefill
+batches get 64-row tiles so each decoded weight tile is reused by many tokens (128-row tiles, 256
+weight rows a tile, 4 stages and 4 warps were each slower on an H200, docs/PERF.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ FMA_ROWS = 2
 only): the weights are decoded and multiplied on the FP32 units, with no MMA. At one or two
 rows an expert, an MMA tile multiplies mostly padding, and each step waits for its MMAs."""
 
+NARROW_ROWS = 32
+"""Row tiles of at most this many rows are decode tiles (`expert_mma.expert_rows_dot`: four
+MMAs issued ahead, a promotion per group of 32); wider ones are prefill tiles, which read rows
+rebased to one scale per 128 of K and promote once per step (`kernels/rebase.py`)."""
+
 
 @dataclass(frozen=True)
 class GemmConfig:
@@ -29,6 +35,7 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     block_k: int = 64  # bf16xbf16: K per loop step (the fp8xfp4 loop steps 128 of K)
+    fma_mix: int = 0   # MMA decode tiles: experts with at most this many rows get FMA tiles of their row count
 
     def __post_init__(self):
         for name in ("block_n", "block_k"):
@@ -38,6 +45,11 @@ class GemmConfig:
         if self.block_m < 1 or self.block_m & (self.block_m - 1) or FMA_ROWS < self.block_m < 16:
             raise ValueError(f"GemmConfig.block_m: expected a power of two >= 16 (MMA tiles) or 1 to {FMA_ROWS} "
                              f"(FMA tiles), got {self.block_m}")
+        if not 0 <= self.fma_mix <= FMA_ROWS:
+            raise ValueError(f"GemmConfig.fma_mix: expected 0 to {FMA_ROWS}, got {self.fma_mix}")
+        if self.fma_mix and not FMA_ROWS < self.block_m <= NARROW_ROWS:
+            raise ValueError(f"GemmConfig.fma_mix: splits MMA decode tiles (block_m 16 to "
+                             f"{NARROW_ROWS}), got block_m {self.block_m}")
 
 
 
@@ -59,12 +71,6 @@ def force_config(**configs: GemmConfig):
         _forced.update(saved)
 
 
-NARROW_ROWS = 32
-"""Row tiles of at most this many rows are decode tiles (`expert_mma.expert_rows_dot`: four
-MMAs issued ahead, a promotion per group of 32); wider ones are prefill tiles, which read rows
-rebased to one scale per 128 of K and promote once per step (`kernels/rebase.py`)."""
-
-
 def is_wide(cfg: GemmConfig) -> bool:
     return cfg.block_m > NARROW_ROWS
 
@@ -84,17 +90,26 @@ the GPU configs' shapes (narrow tiles, several row tiles per expert) explicitly
 (test_every_tile_config_path)."""
 
 
-FMA_UP_TO = 1.0
-"""Average rows per local expert up to which the FP8 x MXFP4 GEMMs use one-row FMA tiles. Same
-run on an H200 (2026-12-02, docs/PERF.md), call us of the MMA decode tiles -> FMA tiles at 2 /
+FMA_UP_TO = 0.5
+"""Average rows per local expert up to which the FP8 x MXFP4 GEMMs use one-row FMA tiles only.
+Same run on an H200 (2026-12-02, docs/PERF.md), call us of the MMA decode tiles -> FMA tiles at 2 /
 8 / 32 / 64 tokens: v4-flash (0.05 / 0.19 / 0.75 / 1.5 rows an expert) 108 -> 81, 363 -> 246,
 1046 -> 874, 1603 -> 1752; gpt-oss-120b (0.06 / 0.25 / 1 / 2) 99 -> 71, 266 -> 181, 689 -> 600,
-924 -> 1143. Two-row tiles were slower than one-row ones from 1 to 32 tokens."""
+924 -> 1143. Two-row tiles were slower than one-row ones from 1 to 32 tokens. Up to 16 tokens
+(0.375 / 0.5 rows an expert) they also beat the split launches below (run 8)."""
 
 FMA_AHEAD_UP_TO = 1 / 32
 """... and up to which they load each step's weights a step ahead (num_stages = 2): one token
 (v4-flash 61.8 -> 55.5 us, gpt-oss-120b 60.7 -> 50.9); at two tokens it was slower (v4-flash
 81.1 -> 91.8) or even (gpt-oss-120b), and slower from four on."""
+
+MIX_UP_TO = 3.0
+"""... and up to which (above FMA_UP_TO) each GEMM is split by the experts' row counts
+(`GemmConfig.fma_mix` = 2): MMA tiles for the experts with three rows or more, two- and one-row
+FMA tiles for the others. Same run on an H200 (2026-12-02, runs 7 and 9, docs/PERF.md), call us
+of MMA tiles -> split at 32 / 64 / 128 tokens: v4-flash (0.75 / 1.5 / 3 rows an expert) 1077 ->
+818 (FMA tiles 878), 1591 -> 1305, 2023 -> 1910; gpt-oss-120b (1 / 2 / 4) 672 -> 552 (FMA
+tiles 597), 897 -> 813, 1053 -> 1083."""
 
 
 def pick_config(which: str, num_rows: int, num_local_experts: int, quantized: bool = True) -> GemmConfig:
@@ -107,6 +122,8 @@ def pick_config(which: str, num_rows: int, num_local_experts: int, quantized: bo
     rows_per_expert = num_rows / max(num_local_experts, 1)
     if quantized and rows_per_expert <= FMA_UP_TO:
         return GemmConfig(1, 32 if which == "l1" else 64, 4, 2 if rows_per_expert <= FMA_AHEAD_UP_TO else 1)
+    if quantized and rows_per_expert <= MIX_UP_TO:
+        return GemmConfig(16, 32 if which == "l1" else 64, 4, 4, fma_mix=2)
     # Decode tiles are memory-bound: narrow weight tiles make more programs to stream weights in
     # parallel (measured on an H200, docs/PERF.md). Wider row tiles reuse each decoded weight
     # tile for more tokens; 64 is the widest that fits the registers without spilling.

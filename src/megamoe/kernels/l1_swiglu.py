@@ -35,12 +35,12 @@ def _l1_tile(
     HAS_BIAS: tl.constexpr, GPT_OSS: tl.constexpr, GATHERED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr, A_PER_STEP: tl.constexpr,
-    FMA_AHEAD: tl.constexpr,
+    FMA_AHEAD: tl.constexpr, ROWS_ABOVE: tl.constexpr, ROWS_UP_TO: tl.constexpr,
 ):
     tile_m = tile // num_cols_tiles
     tile_n = tile % num_cols_tiles
     expert, row_start, row_end = find_expert_tile(expert_offsets_ptr, num_local_experts, tile_m, BLOCK_M,
-                                                  BLOCK_E)
+                                                  BLOCK_E, ROWS_ABOVE, ROWS_UP_TO)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     if GATHERED:
@@ -109,7 +109,7 @@ def _l1_swiglu_kernel(
     HAS_BIAS: tl.constexpr, GPT_OSS: tl.constexpr, GATHERED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr, A_PER_STEP: tl.constexpr,
-    FMA_AHEAD: tl.constexpr,
+    FMA_AHEAD: tl.constexpr, ROWS_ABOVE: tl.constexpr, ROWS_UP_TO: tl.constexpr,
     PERSISTENT: tl.constexpr, PDL: tl.constexpr,
 ):
     after_predecessor(PDL)
@@ -117,17 +117,20 @@ def _l1_swiglu_kernel(
     # need, so program i takes tile i; or, PERSISTENT, it caps the grid (the symm backend: no
     # tight host bound on the received rows exists) and each program takes every
     # num_programs-th tile. Two paths because the loop costs the one-tile path ~80 registers.
-    num_tiles = count_expert_tiles(expert_offsets_ptr, num_local_experts, BLOCK_M, BLOCK_E) * num_cols_tiles
+    num_tiles = count_expert_tiles(expert_offsets_ptr, num_local_experts, BLOCK_M, BLOCK_E, ROWS_ABOVE,
+                                   ROWS_UP_TO) * num_cols_tiles
     if PERSISTENT:
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             _l1_tile(tile, a_ptr, a_scale_ptr, stride_a_m, stride_as_m, topk_weights_ptr, sorted_rows_ptr,
                      expert_offsets_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n,
                      bias_ptr, inter_ptr, inter_scale_ptr, stride_is_m, hidden, inter, num_local_experts, num_topk,
                      num_cols_tiles, clamp, QUANTIZED, HAS_CLAMP, INTER_SF_FP32, HAS_BIAS, GPT_OSS, GATHERED,
-                     BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD)
+                     BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD,
+                     ROWS_ABOVE, ROWS_UP_TO)
     elif tl.program_id(0) < num_tiles:
         _l1_tile(tl.program_id(0), a_ptr, a_scale_ptr, stride_a_m, stride_as_m, topk_weights_ptr, sorted_rows_ptr,
                  expert_offsets_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, bias_ptr,
                  inter_ptr, inter_scale_ptr, stride_is_m, hidden, inter, num_local_experts, num_topk,
                  num_cols_tiles, clamp, QUANTIZED, HAS_CLAMP, INTER_SF_FP32, HAS_BIAS, GPT_OSS, GATHERED, BLOCK_M,
-                 BLOCK_N, BLOCK_E, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD)
+                 BLOCK_N, BLOCK_E, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD,
+                 ROWS_ABOVE, ROWS_UP_TO)

@@ -26,12 +26,12 @@ def _l2_tile(
     QUANTIZED: tl.constexpr, HAS_BIAS: tl.constexpr, GATHERED: tl.constexpr, REMOTE_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr, A_PER_STEP: tl.constexpr,
-    FMA_AHEAD: tl.constexpr,
+    FMA_AHEAD: tl.constexpr, ROWS_ABOVE: tl.constexpr, ROWS_UP_TO: tl.constexpr,
 ):
     tile_m = tile // num_cols_tiles
     tile_n = tile % num_cols_tiles
     expert, row_start, row_end = find_expert_tile(expert_offsets_ptr, num_local_experts, tile_m, BLOCK_M,
-                                                  BLOCK_E)
+                                                  BLOCK_E, ROWS_ABOVE, ROWS_UP_TO)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     a_rows = rows.to(tl.int64)
@@ -68,22 +68,25 @@ def _l2_kernel(
     QUANTIZED: tl.constexpr, HAS_BIAS: tl.constexpr, GATHERED: tl.constexpr, REMOTE_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr, A_PER_STEP: tl.constexpr,
-    FMA_AHEAD: tl.constexpr,
+    FMA_AHEAD: tl.constexpr, ROWS_ABOVE: tl.constexpr, ROWS_UP_TO: tl.constexpr,
     PERSISTENT: tl.constexpr, PDL: tl.constexpr,
 ):
     after_predecessor(PDL)
     # Tiles are counted on the device; one per program, or looped over when PERSISTENT (as in L1).
-    num_tiles = count_expert_tiles(expert_offsets_ptr, num_local_experts, BLOCK_M, BLOCK_E) * num_cols_tiles
+    num_tiles = count_expert_tiles(expert_offsets_ptr, num_local_experts, BLOCK_M, BLOCK_E, ROWS_ABOVE,
+                                   ROWS_UP_TO) * num_cols_tiles
     if PERSISTENT:
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             _l2_tile(tile, inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_offsets_ptr,
                      topk_weights_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n,
                      bias_ptr, out_ptr, hidden, inter, num_local_experts, num_cols_tiles, peer_ptrs_ptr, out_offset,
                      entries_per_rank, QUANTIZED, HAS_BIAS, GATHERED, REMOTE_OUT, BLOCK_M, BLOCK_N, BLOCK_E,
-                     BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD)
+                     BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD,
+                     ROWS_ABOVE, ROWS_UP_TO)
     elif tl.program_id(0) < num_tiles:
         _l2_tile(tl.program_id(0), inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_offsets_ptr,
                  topk_weights_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, bias_ptr,
                  out_ptr, hidden, inter, num_local_experts, num_cols_tiles, peer_ptrs_ptr, out_offset,
                  entries_per_rank, QUANTIZED, HAS_BIAS, GATHERED, REMOTE_OUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K,
-                 UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD)
+                 UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD,
+                 ROWS_ABOVE, ROWS_UP_TO)
