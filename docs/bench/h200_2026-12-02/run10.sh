@@ -5,6 +5,6 @@ set -u
 export PYTHONPATH=src
 O=$OUT
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tee $O/gpu.txt; date -u | tee -a $O/gpu.txt
-timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -3 | tee $O/gpu_tests.log
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -3 | tee $O/gpu_tests.log
 timeout 300 python3 -m megamoe.cli bench --shapes v4-flash,gpt-oss-120b --tokens 1,8,32,64 --sets 2 --no-loop --out $O/bench > $O/bench.log 2>&1; echo "bench rc=$?"
 tail -14 $O/bench.log

@@ -17,8 +17,9 @@ of K (kernels/rebase.py): their four partial products of a step are summed with 
 scales alone and promoted once with the row's scale (A_PER_STEP), a quarter of the promotion
 work, which was a quarter of prefill's time (docs/PERF.md, v12).
 
-FMA tiles (one or two activation rows, `mxfp4_rows_fma`, decode batches of up to about one row
-an expert): no MMA at all. The same decoded weights are converted to FP32 and multiplied with
+FMA tiles (one or two activation rows, `mxfp4_rows_fma`: decode batches of up to half a row an
+expert, and the experts with one or two rows of batches up to three rows an expert,
+`config.GemmConfig.fma_mix`): no MMA at all. The same decoded weights are converted to FP32 and multiplied with
 the rows' FP8 activations on the FP32 units, exact products with FP32 sums; at such sizes an
 MMA tile's 16-row side is mostly padding and each step waits for its MMAs (docs/PERF.md, v14).
 
