@@ -134,7 +134,7 @@ def find_expert_tile(expert_offsets_ptr, num_experts, tile_id, BLOCK_M: tl.const
     expert_offsets_ptr: int32 [num_experts + 1], expert e owns sorted rows
     [offsets[e], offsets[e+1]). Expert e has ceil(count / BLOCK_M) tiles, in expert order; with
     ROWS_ABOVE > 0 only experts with more rows than that have tiles, with ROWS_UP_TO > 0 only
-    experts with at most that many (the two kernels of a split launch, `GemmConfig.fma_mix`).
+    experts with at most that many (the launches of a split GEMM, `GemmConfig.fma_mix`).
     Returns expert = num_experts when `tile_id` is past the last tile.
     """
     e, lo, hi, tiles = _expert_row_ranges(expert_offsets_ptr, num_experts, BLOCK_M, BLOCK_E, ROWS_ABOVE, ROWS_UP_TO)
