@@ -292,9 +292,9 @@ MIXED_TILES = {1: dict(l1=GemmConfig(16, 32, 4, 4, fma_mix=1), l2=GemmConfig(16,
 
 @pytest.mark.parametrize("mix", [1, 2])
 def test_mixed_tiles_multiply_exactly(mix, device):
-    """MMA decode tiles split with one-row FMA tiles (`GemmConfig.fma_mix`): of experts with 1,
-    2, 3, 17 and 18 rows, those with at most `mix` rows go to the FMA launch and the others to
-    the MMA launch, so a tile missed or taken twice by the two launches' expert selection shows;
+    """GEMMs split by the experts' row counts (`GemmConfig.fma_mix`): of experts with 1, 2, 3, 17
+    and 18 rows, those with at most `mix` rows go to FMA launches of their row count and the
+    others to the MMA launch, so an expert that no launch selects shows (its rows stay NaN);
     with exact products on the MMA side (mma="fp16") the whole call meets the exact-products
     tolerance. Rows arrive in a shuffled order, groups of 32 are up to 2^12 apart, and H = 160
     ends on a partial K step."""
