@@ -13,7 +13,6 @@ interpreter), with the kernels' rounding steps.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,8 +43,8 @@ def _tiling(which: str, num_entries: int, num_experts: int, width: int, quantize
 
     launches: (tile config, ROWS_ABOVE, ROWS_UP_TO, grid) of each kernel launch, in order. One,
     or with `fma_mix` a launch of the config's MMA tiles for the experts with more than fma_mix
-    rows and one of FMA tiles for each smaller count (the kernels' ROWS_ABOVE, ROWS_UP_TO). Each grid
-    covers the most row tiles the entries can need when each expert's rows are tiled separately
+    rows and one of FMA tiles for each smaller count (the kernels' ROWS_ABOVE, ROWS_UP_TO). Each
+    grid covers the most row tiles the entries can need when each expert's rows are tiled separately
     (known on the host without a sync); programs past the real tiles exit at once. rows_hint,
     when given, picks the tile config instead of num_entries.
     """
@@ -63,7 +62,7 @@ def _tiling(which: str, num_entries: int, num_experts: int, width: int, quantize
         # two-row FMA tiles.
         mix = cfg.fma_mix
         mma_rows = triton.cdiv(num_entries, cfg.block_m) + min(num_experts, num_entries // (mix + 1))
-        launches = [(dataclasses.replace(cfg, fma_mix=0), mix, 0, (mma_rows * col_tiles,))]
+        launches = [(cfg, mix, 0, (mma_rows * col_tiles,))]
         if mix == 2:
             launches.append((GemmConfig(2, cfg.block_n, cfg.num_warps, 1), 1, 2,
                              (max(1, min(num_experts, num_entries // 2)) * col_tiles,)))

@@ -19,9 +19,10 @@ work, which was a quarter of prefill's time (docs/PERF.md, v12).
 
 FMA tiles (one or two activation rows, `mxfp4_rows_fma`: decode batches of up to half a row an
 expert, and the experts with one or two rows of batches up to three rows an expert,
-`config.GemmConfig.fma_mix`): no MMA at all. The same decoded weights are converted to FP32 and multiplied with
-the rows' FP8 activations on the FP32 units, exact products with FP32 sums; at such sizes an
-MMA tile's 16-row side is mostly padding and each step waits for its MMAs (docs/PERF.md, v14).
+`config.GemmConfig.fma_mix`): no MMA at all. The same decoded weights are converted to FP32 and
+multiplied with the rows' FP8 activations on the FP32 units, exact products with FP32 sums; at
+such sizes an MMA tile's 16-row side is mostly padding and each step waits for its MMAs
+(docs/PERF.md, v14).
 
 Which tensor cores multiply in the MMA tiles (the buffer's `mma`): FP8 MMAs by default. On Hopper their sums
 inside one MMA are truncated (a k = 32 MMA is off the exact sum by 2.8e-5 of sum |a_k b_k| at
