@@ -190,7 +190,7 @@ def test_ep_matches_ep1(case, path, ep_runs, monkeypatch):
 
 
 TILES = {"prefill": dict(l1=GemmConfig(64, 32, 8, 3), l2=GemmConfig(64, 64, 8, 3)),
-         "fma": dict(l1=GemmConfig(1, 32, 4, 1), l2=GemmConfig(2, 64, 4, 1)),
+         "fma": dict(l1=GemmConfig(1, 32, 8, 1, k_split=2), l2=GemmConfig(2, 64, 4, 1)),
          "split": dict(l1=GemmConfig(16, 32, 4, 4, fma_mix=2), l2=GemmConfig(16, 64, 4, 4, fma_mix=1))}
 
 
@@ -199,7 +199,8 @@ TILES = {"prefill": dict(l1=GemmConfig(64, 32, 8, 3), l2=GemmConfig(64, 64, 8, 3
 def test_tile_kinds_across_ranks(tiles, backend, tmp_path, monkeypatch):
     """The prefill tiles at 2 ranks, where the received rows and `inter` are rebased per 128 of
     K in place (kernels/rebase.py; the symm backend counts its rows on the device), and the FMA
-    tiles, which read the received rows (gathered in expert order by symm) one or two at a time,
+    tiles, which read the received rows (gathered in expert order by symm) one or two at a time
+    (L1's with its K steps split over two groups of warps),
     and the split launches (MMA tiles, then FMA tiles, each selecting experts by row count);
     against EP = 1 with the same tiles (x rebased into x_rebased for the prefill tiles): bitwise,
     as for every case. H = 160 and I = 96 end on partial K steps. The FMA tiles' case is a

@@ -160,6 +160,7 @@ def test_reruns_are_bitwise_identical(device):
     (GemmConfig(64, 32, 8, 3), GemmConfig(64, 64, 8, 3)),     # prefill tiles: rebased rows on both
     (GemmConfig(1, 32, 4, 1), GemmConfig(2, 64, 4, 1)),       # FMA tiles (fp8xfp4 only)
     (GemmConfig(2, 32, 4, 2), GemmConfig(1, 32, 4, 2)),       # FMA tiles loading a step ahead
+    (GemmConfig(1, 32, 8, 2, k_split=2), GemmConfig(2, 64, 16, 1, k_split=4)),   # FMA tiles, K split over warps
     (GemmConfig(16, 32, 4, 4, fma_mix=2), GemmConfig(16, 64, 4, 4, fma_mix=1)),   # split with FMA tiles
 ])
 @pytest.mark.parametrize("mode", ["fp8xfp4", "bf16xbf16"])
@@ -257,8 +258,9 @@ def test_prefill_tiles_on_spread_scales(case, device):
 FMA_TILES = dict(l1=GemmConfig(1, 32, 4, 1), l2=GemmConfig(2, 64, 4, 1))
 
 
-def _fma_tiles(l1_stages: int, l2_rows: int, l2_stages: int) -> dict:
-    return dict(l1=GemmConfig(1, 32, 4, l1_stages), l2=GemmConfig(l2_rows, 64, 4, l2_stages))
+def _fma_tiles(l1_stages: int, l2_rows: int, l2_stages: int, k_split: int = 1) -> dict:
+    return dict(l1=GemmConfig(1, 32, 4 * k_split, l1_stages, k_split=k_split),
+                l2=GemmConfig(l2_rows, 64, 4 * k_split, l2_stages, k_split=k_split))
 
 
 @pytest.mark.parametrize("case, tiles", [
@@ -266,12 +268,18 @@ def _fma_tiles(l1_stages: int, l2_rows: int, l2_stages: int) -> dict:
     (Case(160, 96, 4, 2, 40, 40, intermediate_sf="fp32"), _fma_tiles(1, 1, 1)),
     (Case(2880, 64, 4, 2, 5, 8), _fma_tiles(2, 1, 2)),     # 22 whole steps and a partial one
     (Case(1152, 64, 4, 2, 5, 8), _fma_tiles(2, 2, 1)),     # 9 whole steps: four pairs and one
+    # K split over warps: 22 steps in four ranges of 6 (the last has 4), 9 in 5 + 4, L2's one
+    # partial step (I = 64, 96) with no whole one, H = 160's one whole step in four ranges.
+    (Case(2880, 64, 4, 2, 5, 8), _fma_tiles(2, 1, 2, k_split=4)),
+    (Case(1152, 96, 4, 2, 5, 8), _fma_tiles(1, 2, 1, k_split=2)),
+    (Case(160, 96, 4, 2, 12, 12, routing="skewed"), _fma_tiles(2, 2, 1, k_split=4)),
 ], ids=str)
 def test_fma_tiles_multiply_exactly(case, tiles, device):
-    """The FMA tiles (one or two rows, FP32 units; weights loaded a step ahead or not)
-    multiply the FP8 and MXFP4 values exactly and sum in FP32, so they meet the exact-products
-    tolerance with FP8 MMAs configured (the default `mma`), on tokens whose groups of 32 are up
-    to 2^12 apart, with K ending on a partial step (H = 160, 2880) or not (1152)."""
+    """The FMA tiles (one or two rows, FP32 units; weights loaded a step ahead or not; K split
+    over the program's warps or not) multiply the FP8 and MXFP4 values exactly and sum in FP32,
+    so they meet the exact-products tolerance with FP8 MMAs configured (the default `mma`), on
+    tokens whose groups of 32 are up to 2^12 apart, with K ending on a partial step (H = 160,
+    2880) or not (1152)."""
     shape = MoEShape("case", case.experts, case.topk, case.hidden, case.inter)
     p = make_problem(shape, case.tokens, routing=case.routing, seed=5)
     p.x = _spread_groups(p.x, seed=6)
@@ -330,6 +338,12 @@ def test_fma_tiles_need_fp8xfp4(device):
         GemmConfig(16, 32, 4, 1, fma_mix=3)
     with pytest.raises(ValueError, match="GemmConfig.fma_mix"):
         GemmConfig(64, 32, 8, 3, fma_mix=1)
+    with pytest.raises(ValueError, match="GemmConfig.k_split: expected a power of two"):
+        GemmConfig(1, 32, 12, 1, k_split=3)
+    with pytest.raises(ValueError, match="GemmConfig.k_split: splits the K steps of FMA tiles"):
+        GemmConfig(16, 32, 8, 4, k_split=2)
+    with pytest.raises(ValueError, match="GemmConfig.num_warps: expected a multiple of k_split"):
+        GemmConfig(1, 32, 2, 1, k_split=4)
     case = Case(96, 64, 4, 2, 5, 8)
     with force_config(l1=GemmConfig(1, 32, 4, 3)), pytest.raises(ValueError, match="num_stages 1 or 2"):
         run_case(case, device)

@@ -84,10 +84,10 @@ def innermost_mma_loop(sass: str) -> int | None:
 
 
 def variants():
-    """The heuristic's configs for a v4-flash-like shape at 0.1, 2 and 200 rows an expert (FMA,
-    MMA decode and prefill tiles); with --symm also the symm backend's variants (gathered rows,
+    """The heuristic's configs for a v4-flash-like shape at 1/256, 0.1, 2 and 200 rows an expert (FMA
+    tiles with split K, FMA, MMA decode and prefill tiles); with --symm also the symm backend's variants (gathered rows,
     L2 writing to peers) and its own kernels."""
-    for rows_per_expert in (0.1, 2, 200):
+    for rows_per_expert in (1 / 256, 0.1, 2, 200):
         for symm in (False, True) if SYMM else (False,):
             tag = "-symm" if symm else ""
             cfg = pick_config("l1", int(rows_per_expert * 256), 256)
@@ -95,13 +95,13 @@ def variants():
                 QUANTIZED=True, HAS_CLAMP=False, INTER_SF_FP32=False, HAS_BIAS=False, GPT_OSS=False, GATHERED=symm,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False,
                 WIDE_SCALES=False, F16_MMA=F16_MMA, A_PER_STEP=is_wide(cfg), PERSISTENT=symm, PDL=not symm,
-                FMA_AHEAD=fma_ahead(cfg), ROWS_ABOVE=0, ROWS_UP_TO=0)
+                FMA_AHEAD=fma_ahead(cfg), FMA_SPLIT=cfg.k_split, ROWS_ABOVE=0, ROWS_UP_TO=0)
             cfg = pick_config("l2", int(rows_per_expert * 256), 256)
             yield ("l2" + tag, cfg), _l2_kernel, L2_TYPES, dict(
                 QUANTIZED=True, HAS_BIAS=False, GATHERED=symm, REMOTE_OUT=symm, BLOCK_M=cfg.block_m,
                 BLOCK_N=cfg.block_n, BLOCK_E=256, BLOCK_K=cfg.block_k, UPCAST=False, WIDE_SCALES=False,
                 F16_MMA=F16_MMA, A_PER_STEP=is_wide(cfg), PERSISTENT=symm, PDL=not symm,
-                FMA_AHEAD=fma_ahead(cfg), ROWS_ABOVE=0, ROWS_UP_TO=0)
+                FMA_AHEAD=fma_ahead(cfg), FMA_SPLIT=cfg.k_split, ROWS_ABOVE=0, ROWS_UP_TO=0)
     if SYMM:
         from megamoe.comm.symm import _barrier_kernel, _gather_kernel
 

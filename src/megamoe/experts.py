@@ -243,7 +243,8 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
             HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", GATHERED=gathered,
             BLOCK_M=part.block_m, BLOCK_N=part.block_n, BLOCK_E=triton.next_power_of_2(experts),
             BLOCK_K=part.block_k, UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16",
-            A_PER_STEP=a_per_step, FMA_AHEAD=fma_ahead(part), ROWS_ABOVE=rows_above, ROWS_UP_TO=rows_up_to,
+            A_PER_STEP=a_per_step, FMA_AHEAD=fma_ahead(part), FMA_SPLIT=part.k_split, ROWS_ABOVE=rows_above,
+            ROWS_UP_TO=rows_up_to,
             num_warps=part.num_warps, num_stages=part.num_stages,
             **_register_cap("l1", persistent and quantized, part), **pdl_options(buf.device),
         )
@@ -306,7 +307,8 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
             QUANTIZED=quantized, HAS_BIAS=l2.bias is not None, GATHERED=gathered, REMOTE_OUT=remote is not None,
             BLOCK_M=part.block_m, BLOCK_N=part.block_n, BLOCK_E=triton.next_power_of_2(experts),
             BLOCK_K=part.block_k, UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16",
-            A_PER_STEP=a_per_step, FMA_AHEAD=fma_ahead(part), ROWS_ABOVE=rows_above, ROWS_UP_TO=rows_up_to,
+            A_PER_STEP=a_per_step, FMA_AHEAD=fma_ahead(part), FMA_SPLIT=part.k_split, ROWS_ABOVE=rows_above,
+            ROWS_UP_TO=rows_up_to,
             num_warps=part.num_warps, num_stages=part.num_stages,
             **_register_cap("l2", persistent and quantized, part), **pdl_options(buf.device),
         )

@@ -30,10 +30,15 @@ VARIANTS = {
     "fma1": dict(l1=GemmConfig(1, 32, 4, 1), l2=GemmConfig(1, 64, 4, 1)),
     "fma2": dict(l1=GemmConfig(2, 32, 4, 1), l2=GemmConfig(2, 64, 4, 1)),
     "fma1s2": dict(l1=GemmConfig(1, 32, 4, 2), l2=GemmConfig(1, 64, 4, 2)),   # weights loaded a step ahead
+    # K split over 2 or 4 groups of 4 warps a program (GemmConfig.k_split), with or without loading ahead.
+    "fma1k2": dict(l1=GemmConfig(1, 32, 8, 1, k_split=2), l2=GemmConfig(1, 64, 8, 1, k_split=2)),
+    "fma1k4": dict(l1=GemmConfig(1, 32, 16, 1, k_split=4), l2=GemmConfig(1, 64, 16, 1, k_split=4)),
+    "fma1s2k2": dict(l1=GemmConfig(1, 32, 8, 2, k_split=2), l2=GemmConfig(1, 64, 8, 2, k_split=2)),
     # Split launches (GemmConfig.fma_mix): MMA tiles for the experts with more than 1 (2) rows, FMA
     # tiles of their row count for the others.
     "mix1": dict(l1=GemmConfig(16, 32, 4, 4, fma_mix=1), l2=GemmConfig(16, 64, 4, 4, fma_mix=1)),
     "mix2": dict(l1=GemmConfig(16, 32, 4, 4, fma_mix=2), l2=GemmConfig(16, 64, 4, 4, fma_mix=2)),
+    "mix21": dict(l1=GemmConfig(16, 32, 4, 4, fma_mix=2), l2=GemmConfig(16, 64, 4, 4, fma_mix=1)),
     "n64": dict(l1=GemmConfig(16, 64, 4, 4), l2=GemmConfig(16, 128, 4, 4)),
     "m32": dict(l1=GemmConfig(32, 32, 4, 4), l2=GemmConfig(32, 64, 4, 4)),
     "m64": dict(l1=GemmConfig(64, 32, 4, 3), l2=GemmConfig(64, 64, 4, 3)),

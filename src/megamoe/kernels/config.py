@@ -1,7 +1,8 @@
 """Tile configurations of the grouped GEMMs: a deterministic heuristic with an override.
 
 The heuristic looks at the average rows per local expert. Up to half a row an expert (decode
-at 1-16 tokens) the FP8 x MXFP4 GEMMs run one-row FMA tiles on the FP32 units; up to three rows
+at 1-16 tokens) the FP8 x MXFP4 GEMMs run one-row FMA tiles on the FP32 units (at one token with
+their K steps split over two groups of warps); up to three rows
 an expert they split each GEMM by the experts' row counts (MMA tiles for the experts with three
 rows or more, FMA tiles for the others); more rows an expert get MMA tiles whose token side is
 as small as the tensor cores allow (16), so many programs stream weights in parallel; prefill
@@ -36,6 +37,7 @@ class GemmConfig:
     num_stages: int
     block_k: int = 64  # bf16xbf16: K per loop step (the fp8xfp4 loop steps 128 of K)
     fma_mix: int = 0   # MMA decode tiles: experts with at most this many rows get FMA tiles of their row count
+    k_split: int = 1   # FMA tiles: K cut into this many ranges, each run by num_warps / k_split warps of the program
 
     def __post_init__(self):
         for name in ("block_n", "block_k"):
@@ -50,6 +52,14 @@ class GemmConfig:
         if self.fma_mix and not FMA_ROWS < self.block_m <= NARROW_ROWS:
             raise ValueError(f"GemmConfig.fma_mix: splits MMA decode tiles (block_m 16 to "
                              f"{NARROW_ROWS}), got block_m {self.block_m}")
+        if self.k_split < 1 or self.k_split & (self.k_split - 1):
+            raise ValueError(f"GemmConfig.k_split: expected a power of two >= 1, got {self.k_split}")
+        if self.k_split > 1 and not self.block_m <= FMA_ROWS:
+            raise ValueError(f"GemmConfig.k_split: splits the K steps of FMA tiles (block_m 1 to {FMA_ROWS}), "
+                             f"got block_m {self.block_m}")
+        if self.num_warps % self.k_split:
+            raise ValueError(f"GemmConfig.num_warps: expected a multiple of k_split ({self.k_split}), "
+                             f"got {self.num_warps}")
 
 
 
@@ -80,7 +90,9 @@ def is_fma(cfg: GemmConfig) -> bool:
 
 
 def fma_ahead(cfg: GemmConfig) -> bool:
-    """FMA tiles with num_stages = 2 load each step's weights a step ahead (`FMA_AHEAD`)."""
+    """FMA tiles with num_stages = 2 load each step's weights a step ahead (`FMA_AHEAD`). The
+    heuristic's one-token config did until split K was faster (`FMA_SPLIT_UP_TO`); it stays an
+    option for forced configs and the stage breakdowns (`--variants fma1s2`)."""
     return is_fma(cfg) and cfg.num_stages == 2
 
 
@@ -98,10 +110,14 @@ Same run on an H200 (2026-12-02, docs/PERF.md), call us of the MMA decode tiles 
 924 -> 1143. Two-row tiles were slower than one-row ones from 1 to 32 tokens. Up to 16 tokens
 (0.375 / 0.5 rows an expert) they also beat the split launches below (run 8)."""
 
-FMA_AHEAD_UP_TO = 1 / 32
-"""... and up to which they load each step's weights a step ahead (num_stages = 2): one token
-(v4-flash 61.8 -> 55.5 us, gpt-oss-120b 60.7 -> 50.9); at two tokens it was slower (v4-flash
-81.1 -> 91.8) or even (gpt-oss-120b), and slower from four on."""
+FMA_SPLIT_UP_TO = 1 / 32
+"""... and up to which (one token) each FMA tile's K steps are split over two groups of four
+warps (`GemmConfig.k_split`): the grids are less than a wave there (384 programs for v4-flash's
+L1 on 132 SMs), so more warps a program put more bytes in flight. Same run on an H200
+(2026-12-02, run 13, docs/PERF.md), call us at one token, loading each step's weights a step
+ahead (num_stages = 2, the config before) -> split K in two: v4-flash 53.9 -> 48.9, gpt-oss-120b
+46.0 -> 43.9; both together 55.5 and 45.3, split in four 52.2 and 46.9. At two tokens split K
+in two was 2% slower for v4-flash (77.7 -> 79.3) and 4% faster for gpt-oss-120b (65.0 -> 62.1)."""
 
 MIX_UP_TO = 3.0
 """... and up to which (above FMA_UP_TO) each GEMM is split by the experts' row counts
@@ -120,8 +136,10 @@ def pick_config(which: str, num_rows: int, num_local_experts: int, quantized: bo
     if env.triton_interpret():
         return INTERPRETER_CONFIG
     rows_per_expert = num_rows / max(num_local_experts, 1)
+    if quantized and rows_per_expert <= FMA_SPLIT_UP_TO:
+        return GemmConfig(1, 32 if which == "l1" else 64, 8, 1, k_split=2)
     if quantized and rows_per_expert <= FMA_UP_TO:
-        return GemmConfig(1, 32 if which == "l1" else 64, 4, 2 if rows_per_expert <= FMA_AHEAD_UP_TO else 1)
+        return GemmConfig(1, 32 if which == "l1" else 64, 4, 1)
     if quantized and rows_per_expert <= MIX_UP_TO:
         return GemmConfig(16, 32 if which == "l1" else 64, 4, 4, fma_mix=2)
     # Decode tiles are memory-bound: narrow weight tiles make more programs to stream weights in

@@ -293,9 +293,10 @@ def _load_scales(ptrs, PTX: tl.constexpr):
 @triton.jit
 def _fma_row(lo, hi, a_ptr, a_scale_ptr, row, stride_a_m, stride_as_m, step, k_lo, g_lo, k_size,
              MASKED: tl.constexpr, PTX: tl.constexpr):
-    """Partial sums [BLOCK_W, 4, 1] of one activation row against a step's decoded weights:
-    entry (n, q) is weight row n's 16-byte piece q, its low nibbles (group g_lo[q]) and high
-    nibbles (group g_lo[q] + 1) each multiplied by the row's activations and group scale."""
+    """Partial sums [SPLIT, BLOCK_W, 4, 1] of one activation row against a step's decoded
+    weights: entry (s, n, q) is weight row n's 16-byte piece q in split s's step (`step`
+    [SPLIT, 1, 1, 1]), its low nibbles (group g_lo[q]) and high nibbles (group g_lo[q] + 1)
+    each multiplied by the row's activations and group scale."""
     k = 128 * step + k_lo
     base = a_ptr + row * stride_a_m + k
     if MASKED:
@@ -307,20 +308,25 @@ def _fma_row(lo, hi, a_ptr, a_scale_ptr, row, stride_a_m, stride_as_m, step, k_l
     s_ptrs = a_scale_ptr + row * stride_as_m + 4 * step + g_lo
     s_lo = _load_scales(s_ptrs, PTX)
     s_hi = _load_scales(s_ptrs + 1, PTX)
-    return tl.sum(lo * x_lo, axis=2, keep_dims=True) * s_lo, tl.sum(hi * x_hi, axis=2, keep_dims=True) * s_hi
+    return tl.sum(lo * x_lo, axis=3, keep_dims=True) * s_lo, tl.sum(hi * x_hi, axis=3, keep_dims=True) * s_hi
 
 
 @triton.jit
-def _fma_step(raw, step, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m, stride_as_m, k_lo, g_lo,
-              k_size, R: tl.constexpr, MASKED: tl.constexpr, PTX: tl.constexpr):
-    """acc0, acc1 (rows row0, row1) + one 128-wide step of K from its bytes `raw` [BLOCK_W, 64]."""
-    packed = tl.reshape(raw, (raw.shape[0], 4, 16))
+def _fma_step(raw, step, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m, stride_as_m, k_lo,
+              g_lo, k_size, R: tl.constexpr, MASKED: tl.constexpr, PTX: tl.constexpr):
+    """acc0, acc1 (rows row0, row1) + one 128-wide step of K in each K range from its bytes `raw`
+    [SPLIT, BLOCK_W, 64], `step` the ranges' steps ([SPLIT, 1, 1], or a scalar without split K).
+    A range with nothing to add passes code-0 bytes: its products are zeros."""
+    SPLIT: tl.constexpr = raw.shape[0]
+    packed = tl.reshape(raw, (SPLIT, raw.shape[1], 4, 16))
     if PTX:
         lo, hi = decode_e2m1_pair_packed(packed)
     else:
         lo, hi = decode_e2m1_pair(packed)
     lo = lo.to(tl.float32)
     hi = hi.to(tl.float32)
+    if SPLIT > 1:
+        step = step[:, :, :, None]
     sw_lo = _load_scales(ws_ptrs + 4 * step, PTX)
     sw_hi = _load_scales(ws_ptrs + 4 * step + 1, PTX)
     p_lo, p_hi = _fma_row(lo, hi, a_ptr, a_scale_ptr, row0, stride_a_m, stride_as_m, step, k_lo, g_lo, k_size,
@@ -335,7 +341,8 @@ def _fma_step(raw, step, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, st
 
 @triton.jit
 def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr, a_rows, stride_a_m, a_scale_ptr,
-                   stride_as_m, k_size, PTX: tl.constexpr, WIDE_SCALES: tl.constexpr, AHEAD: tl.constexpr):
+                   stride_as_m, k_size, PTX: tl.constexpr, WIDE_SCALES: tl.constexpr, AHEAD: tl.constexpr,
+                   SPLIT: tl.constexpr):
     """`mxfp4_rows_dot` for one or two activation rows (FMA tiles), on the FP32 units.
 
     Each thread loads 16 bytes of a weight row a step (32 weights: 16 of one scale group in
@@ -349,6 +356,9 @@ def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr
     AHEAD: load each step's weights a step before it is used (num_stages = 2 in the tile config):
     grids of less than a wave, where too few bytes are in flight. (Three steps ahead, unrolled
     by four, was slower at one and two tokens, docs/PERF.md.)
+    SPLIT: the K steps are cut into SPLIT contiguous ranges, each run by its own warps of the
+    program (the tile config's k_split; num_warps grows with it), summed once at the end in a
+    fixed order: more warps a program stream the same rows, for grids of less than a wave.
     """
     BLOCK_W: tl.constexpr = w_rows.shape[0]
     R: tl.constexpr = a_rows.shape[0]
@@ -356,62 +366,95 @@ def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr
     row0 = tl.sum(tl.where(r == 0, a_rows, 0), axis=0)
     row1 = tl.sum(tl.where(r == R - 1, a_rows, 0), axis=0)
     # A row's 64 bytes of a step as one contiguous axis, so a thread loads 16 of them at once and
-    # a warp's threads take consecutive pieces; `_fma_step` reshapes them to [row, piece, byte].
-    w_ptrs = (w_ptr + (w_rows // TILE_ROWS)[:, None] * stride_w_tile + (w_rows % TILE_ROWS)[:, None] * 64
-              + tl.arange(0, 64)[None, :])
+    # a warp's threads take consecutive pieces; `_fma_step` reshapes them to [split, row, piece, byte].
+    w_ptrs = (w_ptr + (w_rows // TILE_ROWS)[None, :, None] * stride_w_tile
+              + (w_rows % TILE_ROWS)[None, :, None] * 64 + tl.arange(0, 64)[None, None, :])
     q = tl.arange(0, 4)
     # Byte j of chunk c holds element 64c + j (low nibble) and 64c + 32 + j (high nibble).
-    k_lo = (64 * (q // 2) + 16 * (q % 2))[None, :, None] + tl.arange(0, 16)[None, None, :]
-    # Scales and partial sums are [BLOCK_W, 4, 1]: the layout of the pieces' sums.
-    g_lo = 2 * (q // 2)[None, :, None]
+    k_lo = (64 * (q // 2) + 16 * (q % 2))[None, None, :, None] + tl.arange(0, 16)[None, None, None, :]
+    # Scales and partial sums are [SPLIT, BLOCK_W, 4, 1]: the layout of the pieces' sums.
+    g_lo = 2 * (q // 2)[None, None, :, None]
     if WIDE_SCALES:
         w_rows = w_rows.to(tl.int64)
-    ws_ptrs = w_scale_ptr + w_rows[:, None, None] * stride_ws_n + g_lo
-    acc0 = tl.zeros((BLOCK_W, 4, 1), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_W, 4, 1), dtype=tl.float32)
+    ws_ptrs = w_scale_ptr + w_rows[None, :, None, None] * stride_ws_n + g_lo
+    acc0 = tl.zeros((SPLIT, BLOCK_W, 4, 1), dtype=tl.float32)
+    acc1 = tl.zeros((SPLIT, BLOCK_W, 4, 1), dtype=tl.float32)
     full_steps = k_size // 128
+    # Range s runs whole steps first[s] .. first[s] + per - 1, and with split K one of the last
+    # full_steps % SPLIT ones after the loop. Every address in the loop is affine in its
+    # counter: with a clamp on each step (a range running past the last one) loading a step
+    # ahead compiled to 64 registers a thread instead of 113 and one token took 6 us longer.
+    per = full_steps // SPLIT
+    first = _range_starts(per, SPLIT)
     if AHEAD:
         # Two steps an iteration, each step's bytes loaded a step before they are used, into a
         # register set of its own (the compiler does not pipeline loads that feed no tl.dot, and
         # rotating one set of loaded registers waits for the load at the loop's back edge).
         # A load past the last whole step (the partial one, or beyond) is clamped: it re-reads.
         last = tl.cdiv(k_size, 128) - 1
-        a_raw = tl.load(w_ptrs)
-        for step in range(0, full_steps - 1, 2):
-            b_raw = tl.load(w_ptrs + (step + 1) * TILE_STEP_BYTES)
-            acc0, acc1 = _fma_step(a_raw, step, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m,
-                                   stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
-            a_raw = tl.load(w_ptrs + tl.minimum(step + 2, last) * TILE_STEP_BYTES)
-            acc0, acc1 = _fma_step(b_raw, step + 1, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m,
-                                   stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
-        if full_steps % 2 == 1:
-            acc0, acc1 = _fma_step(a_raw, full_steps - 1, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1,
+        a_raw = tl.load(w_ptrs + first * TILE_STEP_BYTES)
+        for i in range(0, per - 1, 2):
+            b_raw = tl.load(w_ptrs + (first + i + 1) * TILE_STEP_BYTES)
+            acc0, acc1 = _fma_step(a_raw, first + i, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1,
                                    stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
+            a_raw = tl.load(w_ptrs + tl.minimum(first + i + 2, last) * TILE_STEP_BYTES)
+            acc0, acc1 = _fma_step(b_raw, first + i + 1, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1,
+                                   stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
+        if per % 2 == 1:
+            acc0, acc1 = _fma_step(a_raw, first + per - 1, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0,
+                                   row1, stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
     else:
-        for step in range(0, full_steps):
-            acc0, acc1 = _fma_step(tl.load(w_ptrs + step * TILE_STEP_BYTES), step, acc0, acc1, ws_ptrs, a_ptr,
-                                   a_scale_ptr, row0, row1, stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, False,
-                                   PTX)
+        for i in range(0, per):
+            acc0, acc1 = _fma_step(tl.load(w_ptrs + (first + i) * TILE_STEP_BYTES), first + i, acc0, acc1,
+                                   ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m, stride_as_m, k_lo, g_lo,
+                                   k_size, R, False, PTX)
+    if SPLIT > 1:
+        if full_steps % SPLIT != 0:
+            # The last whole steps, one a range; the other ranges load no bytes (code 0: they
+            # add zeros) and take the last step's scales and activations, in bounds.
+            tail = SPLIT * per + tl.arange(0, SPLIT)[:, None, None]
+            live = tail < full_steps
+            tail = tl.minimum(tail, full_steps - 1)
+            acc0, acc1 = _fma_step(tl.load(w_ptrs + tail * TILE_STEP_BYTES, mask=live, other=0), tail, acc0,
+                                   acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m, stride_as_m, k_lo, g_lo,
+                                   k_size, R, False, PTX)
     if k_size % 128 != 0:
         # Weights past K are code 0 in the tiled layout; the activations past K are masked (they
-        # are the next row's, or past the end of the buffer).
-        acc0, acc1 = _fma_step(tl.load(w_ptrs + full_steps * TILE_STEP_BYTES), full_steps, acc0, acc1, ws_ptrs,
-                               a_ptr, a_scale_ptr, row0, row1, stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, True,
-                               PTX)
+        # are the next row's, or past the end of the buffer). Split 0 takes the step; the
+        # others load no bytes (code 0).
+        if SPLIT == 1:
+            acc0, acc1 = _fma_step(tl.load(w_ptrs + full_steps * TILE_STEP_BYTES), full_steps, acc0, acc1,
+                                   ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m, stride_as_m, k_lo, g_lo,
+                                   k_size, R, True, PTX)
+        else:
+            split = tl.arange(0, SPLIT)[:, None, None]
+            raw = tl.load(w_ptrs + (full_steps + 0 * split) * TILE_STEP_BYTES, mask=split == 0, other=0)
+            acc0, acc1 = _fma_step(raw, full_steps + 0 * split, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr,
+                                   row0, row1, stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, True, PTX)
     # The decode yields value * 2^-6 (see decode_e2m1_pair); undone once.
-    out0 = tl.sum(tl.sum(acc0, axis=2), axis=1) * 64.0
+    out0 = tl.sum(tl.sum(tl.sum(acc0, axis=3), axis=2), axis=0) * 64.0
     if R == 1:
         out = out0[:, None]
     else:
-        out = tl.join(out0, tl.sum(tl.sum(acc1, axis=2), axis=1) * 64.0)
+        out = tl.join(out0, tl.sum(tl.sum(tl.sum(acc1, axis=3), axis=2), axis=0) * 64.0)
     return out
+
+
+@triton.jit
+def _range_starts(per, SPLIT: tl.constexpr):
+    """[SPLIT, 1, 1] first step of each K range (a scalar 0 without split K)."""
+    if SPLIT == 1:
+        first = 0
+    else:
+        first = tl.arange(0, SPLIT)[:, None, None] * per
+    return first
 
 
 @triton.jit
 def expert_rows_dot(w_ptr, w_scale_ptr, w_rows, w_mask, stride_w_n, stride_ws_n, a_ptr, a_rows, a_mask, stride_a_m,
                     a_scale_ptr, stride_as_m, k_size, QUANTIZED: tl.constexpr, BLOCK_K: tl.constexpr,
                     UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr,
-                    A_PER_STEP: tl.constexpr, FMA_AHEAD: tl.constexpr):
+                    A_PER_STEP: tl.constexpr, FMA_AHEAD: tl.constexpr, FMA_SPLIT: tl.constexpr):
     """One expert's W[w_rows, :k_size] @ A[a_rows, :k_size].T, fp32 [BLOCK_W, BLOCK_M], in the
     layer's mode (L1 and L2 share it). fp8xfp4: `mxfp4_rows_dot`, with the rows outside the
     masks clamped to row 0 (computed, never stored), stride_w_n the stride between row tiles
@@ -420,7 +463,7 @@ def expert_rows_dot(w_ptr, w_scale_ptr, w_rows, w_mask, stride_w_n, stride_ws_n,
     if QUANTIZED and a_rows.shape[0] <= FMA_ROWS:
         acc = mxfp4_rows_fma(w_ptr, w_scale_ptr, tl.where(w_mask, w_rows, 0), stride_w_n, stride_ws_n, a_ptr,
                              tl.where(a_mask, a_rows, 0), stride_a_m, a_scale_ptr, stride_as_m, k_size,
-                             PTX=not UPCAST, WIDE_SCALES=WIDE_SCALES, AHEAD=FMA_AHEAD)
+                             PTX=not UPCAST, WIDE_SCALES=WIDE_SCALES, AHEAD=FMA_AHEAD, SPLIT=FMA_SPLIT)
     elif QUANTIZED:
         acc = mxfp4_rows_dot(w_ptr, w_scale_ptr, tl.where(w_mask, w_rows, 0), stride_w_n, stride_ws_n, a_ptr,
                              tl.where(a_mask, a_rows, 0), stride_a_m, a_scale_ptr, stride_as_m, k_size,

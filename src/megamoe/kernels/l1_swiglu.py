@@ -35,7 +35,7 @@ def _l1_tile(
     HAS_BIAS: tl.constexpr, GPT_OSS: tl.constexpr, GATHERED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr, A_PER_STEP: tl.constexpr,
-    FMA_AHEAD: tl.constexpr, ROWS_ABOVE: tl.constexpr, ROWS_UP_TO: tl.constexpr,
+    FMA_AHEAD: tl.constexpr, FMA_SPLIT: tl.constexpr, ROWS_ABOVE: tl.constexpr, ROWS_UP_TO: tl.constexpr,
 ):
     tile_m = tile // num_cols_tiles
     tile_n = tile % num_cols_tiles
@@ -61,7 +61,7 @@ def _l1_tile(
     expert64 = expert.to(tl.int64)
     acc = expert_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e, w_rows, w_mask,
                           stride_w_n, stride_ws_n, a_ptr, a_rows, row_mask, stride_a_m, a_scale_ptr, stride_as_m,
-                          hidden, QUANTIZED, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD)
+                          hidden, QUANTIZED, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD, FMA_SPLIT)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert64 * 2 * inter + w_rows, mask=w_mask, other=0.0)[:, None]
@@ -109,7 +109,7 @@ def _l1_swiglu_kernel(
     HAS_BIAS: tl.constexpr, GPT_OSS: tl.constexpr, GATHERED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr, A_PER_STEP: tl.constexpr,
-    FMA_AHEAD: tl.constexpr, ROWS_ABOVE: tl.constexpr, ROWS_UP_TO: tl.constexpr,
+    FMA_AHEAD: tl.constexpr, FMA_SPLIT: tl.constexpr, ROWS_ABOVE: tl.constexpr, ROWS_UP_TO: tl.constexpr,
     PERSISTENT: tl.constexpr, PDL: tl.constexpr,
 ):
     after_predecessor(PDL)
@@ -125,12 +125,12 @@ def _l1_swiglu_kernel(
                      expert_offsets_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n,
                      bias_ptr, inter_ptr, inter_scale_ptr, stride_is_m, hidden, inter, num_local_experts, num_topk,
                      num_cols_tiles, clamp, QUANTIZED, HAS_CLAMP, INTER_SF_FP32, HAS_BIAS, GPT_OSS, GATHERED,
-                     BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD,
+                     BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD, FMA_SPLIT,
                      ROWS_ABOVE, ROWS_UP_TO)
     elif tl.program_id(0) < num_tiles:
         _l1_tile(tl.program_id(0), a_ptr, a_scale_ptr, stride_a_m, stride_as_m, topk_weights_ptr, sorted_rows_ptr,
                  expert_offsets_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, bias_ptr,
                  inter_ptr, inter_scale_ptr, stride_is_m, hidden, inter, num_local_experts, num_topk,
                  num_cols_tiles, clamp, QUANTIZED, HAS_CLAMP, INTER_SF_FP32, HAS_BIAS, GPT_OSS, GATHERED, BLOCK_M,
-                 BLOCK_N, BLOCK_E, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD,
+                 BLOCK_N, BLOCK_E, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD, FMA_SPLIT,
                  ROWS_ABOVE, ROWS_UP_TO)

@@ -26,7 +26,7 @@ def _l2_tile(
     QUANTIZED: tl.constexpr, HAS_BIAS: tl.constexpr, GATHERED: tl.constexpr, REMOTE_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr, A_PER_STEP: tl.constexpr,
-    FMA_AHEAD: tl.constexpr, ROWS_ABOVE: tl.constexpr, ROWS_UP_TO: tl.constexpr,
+    FMA_AHEAD: tl.constexpr, FMA_SPLIT: tl.constexpr, ROWS_ABOVE: tl.constexpr, ROWS_UP_TO: tl.constexpr,
 ):
     tile_m = tile // num_cols_tiles
     tile_n = tile % num_cols_tiles
@@ -40,7 +40,7 @@ def _l2_tile(
     expert64 = expert.to(tl.int64)
     acc = expert_rows_dot(w_ptr + expert64 * stride_w_e, w_scale_ptr + expert64 * stride_ws_e, cols, col_mask,
                           stride_w_n, stride_ws_n, inter_ptr, a_rows, row_mask, inter, inter_scale_ptr, stride_is_m,
-                          inter, QUANTIZED, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD)
+                          inter, QUANTIZED, BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD, FMA_SPLIT)
     dst = tl.load(sorted_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     if HAS_BIAS:
         # The routing weight was folded into L2's input, so the bias gets it here.
@@ -68,7 +68,7 @@ def _l2_kernel(
     QUANTIZED: tl.constexpr, HAS_BIAS: tl.constexpr, GATHERED: tl.constexpr, REMOTE_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, WIDE_SCALES: tl.constexpr, F16_MMA: tl.constexpr, A_PER_STEP: tl.constexpr,
-    FMA_AHEAD: tl.constexpr, ROWS_ABOVE: tl.constexpr, ROWS_UP_TO: tl.constexpr,
+    FMA_AHEAD: tl.constexpr, FMA_SPLIT: tl.constexpr, ROWS_ABOVE: tl.constexpr, ROWS_UP_TO: tl.constexpr,
     PERSISTENT: tl.constexpr, PDL: tl.constexpr,
 ):
     after_predecessor(PDL)
@@ -81,12 +81,12 @@ def _l2_kernel(
                      topk_weights_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n,
                      bias_ptr, out_ptr, hidden, inter, num_local_experts, num_cols_tiles, peer_ptrs_ptr, out_offset,
                      entries_per_rank, QUANTIZED, HAS_BIAS, GATHERED, REMOTE_OUT, BLOCK_M, BLOCK_N, BLOCK_E,
-                     BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD,
+                     BLOCK_K, UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD, FMA_SPLIT,
                      ROWS_ABOVE, ROWS_UP_TO)
     elif tl.program_id(0) < num_tiles:
         _l2_tile(tl.program_id(0), inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_offsets_ptr,
                  topk_weights_ptr, w_ptr, w_scale_ptr, stride_w_e, stride_w_n, stride_ws_e, stride_ws_n, bias_ptr,
                  out_ptr, hidden, inter, num_local_experts, num_cols_tiles, peer_ptrs_ptr, out_offset,
                  entries_per_rank, QUANTIZED, HAS_BIAS, GATHERED, REMOTE_OUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K,
-                 UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD,
+                 UPCAST, WIDE_SCALES, F16_MMA, A_PER_STEP, FMA_AHEAD, FMA_SPLIT,
                  ROWS_ABOVE, ROWS_UP_TO)
