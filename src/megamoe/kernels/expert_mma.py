@@ -294,8 +294,8 @@ def _load_scales(ptrs, PTX: tl.constexpr):
 def _fma_row(lo, hi, a_ptr, a_scale_ptr, row, stride_a_m, stride_as_m, step, k_lo, g_lo, k_size,
              MASKED: tl.constexpr, PTX: tl.constexpr):
     """Partial sums [SPLIT, BLOCK_W, 4, 1] of one activation row against a step's decoded
-    weights: entry (s, n, q) is weight row n's 16-byte piece q in split s's step (`step`
-    [SPLIT, 1, 1, 1]), its low nibbles (group g_lo[q]) and high nibbles (group g_lo[q] + 1)
+    weights: entry (s, n, q) is weight row n's 16-byte piece q in K range s's step (`step`
+    [SPLIT, 1, 1, 1], or a scalar without split K), its low nibbles (group g_lo[q]) and high nibbles (group g_lo[q] + 1)
     each multiplied by the row's activations and group scale."""
     k = 128 * step + k_lo
     base = a_ptr + row * stride_a_m + k
@@ -366,7 +366,7 @@ def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr
     row0 = tl.sum(tl.where(r == 0, a_rows, 0), axis=0)
     row1 = tl.sum(tl.where(r == R - 1, a_rows, 0), axis=0)
     # A row's 64 bytes of a step as one contiguous axis, so a thread loads 16 of them at once and
-    # a warp's threads take consecutive pieces; `_fma_step` reshapes them to [split, row, piece, byte].
+    # a warp's threads take consecutive pieces; `_fma_step` reshapes them to [range, row, piece, byte].
     w_ptrs = (w_ptr + (w_rows // TILE_ROWS)[None, :, None] * stride_w_tile
               + (w_rows % TILE_ROWS)[None, :, None] * 64 + tl.arange(0, 64)[None, None, :])
     q = tl.arange(0, 4)
@@ -420,8 +420,8 @@ def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr
                                    k_size, R, False, PTX)
     if k_size % 128 != 0:
         # Weights past K are code 0 in the tiled layout; the activations past K are masked (they
-        # are the next row's, or past the end of the buffer). Split 0 takes the step; the
-        # others load no bytes (code 0).
+        # are the next row's, or past the end of the buffer). With split K range 0 takes the
+        # step; the others load no bytes (code 0).
         if SPLIT == 1:
             acc0, acc1 = _fma_step(tl.load(w_ptrs + full_steps * TILE_STEP_BYTES), full_steps, acc0, acc1,
                                    ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m, stride_as_m, k_lo, g_lo,
