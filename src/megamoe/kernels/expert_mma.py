@@ -295,8 +295,8 @@ def _fma_row(lo, hi, a_ptr, a_scale_ptr, row, stride_a_m, stride_as_m, step, k_l
              MASKED: tl.constexpr, PTX: tl.constexpr):
     """Partial sums [SPLIT, BLOCK_W, 4, 1] of one activation row against a step's decoded
     weights: entry (s, n, q) is weight row n's 16-byte piece q in K range s's step (`step`
-    [SPLIT, 1, 1, 1], or a scalar without split K), its low nibbles (group g_lo[q]) and high nibbles (group g_lo[q] + 1)
-    each multiplied by the row's activations and group scale."""
+    [SPLIT, 1, 1, 1], or a scalar without split K), its low nibbles (group g_lo[q]) and high
+    nibbles (group g_lo[q] + 1) each multiplied by the row's activations and group scale."""
     k = 128 * step + k_lo
     base = a_ptr + row * stride_a_m + k
     if MASKED:
@@ -385,7 +385,10 @@ def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr
     # counter: with a clamp on each step (a range running past the last one) loading a step
     # ahead compiled to 64 registers a thread instead of 113 and one token took 6 us longer.
     per = full_steps // SPLIT
-    first = _range_starts(per, SPLIT)
+    if SPLIT == 1:
+        first = 0
+    else:
+        first = tl.arange(0, SPLIT)[:, None, None] * per
     if AHEAD:
         # Two steps an iteration, each step's bytes loaded a step before they are used, into a
         # register set of its own (the compiler does not pipeline loads that feed no tl.dot, and
@@ -428,8 +431,9 @@ def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr
                                    k_size, R, True, PTX)
         else:
             split = tl.arange(0, SPLIT)[:, None, None]
-            raw = tl.load(w_ptrs + (full_steps + 0 * split) * TILE_STEP_BYTES, mask=split == 0, other=0)
-            acc0, acc1 = _fma_step(raw, full_steps + 0 * split, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr,
+            step = full_steps + 0 * split
+            raw = tl.load(w_ptrs + step * TILE_STEP_BYTES, mask=split == 0, other=0)
+            acc0, acc1 = _fma_step(raw, step, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr,
                                    row0, row1, stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, True, PTX)
     # The decode yields value * 2^-6 (see decode_e2m1_pair); undone once.
     out0 = tl.sum(tl.sum(tl.sum(acc0, axis=3), axis=2), axis=0) * 64.0
@@ -438,16 +442,6 @@ def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr
     else:
         out = tl.join(out0, tl.sum(tl.sum(tl.sum(acc1, axis=3), axis=2), axis=0) * 64.0)
     return out
-
-
-@triton.jit
-def _range_starts(per, SPLIT: tl.constexpr):
-    """[SPLIT, 1, 1] first step of each K range (a scalar 0 without split K)."""
-    if SPLIT == 1:
-        first = 0
-    else:
-        first = tl.arange(0, SPLIT)[:, None, None] * per
-    return first
 
 
 @triton.jit
