@@ -6,15 +6,11 @@ on a GPU the same tests run the compiled kernels.
 
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 import megamoe
 from megamoe.kernels.config import GemmConfig, force_config, is_fma
-from megamoe.kernels.expert_mma import _half_sums
 from megamoe.testing import MoEShape, make_problem, relative_error
 
 from tolerances import LAYER_EXACT_PRODUCTS, LAYER_KERNEL_VS_REFERENCE
@@ -279,89 +275,23 @@ def _fma_tiles(l1_stages: int, l2_rows: int, l2_stages: int, k_split: int = 1) -
     (Case(160, 96, 4, 2, 12, 12, routing="skewed"), _fma_tiles(2, 2, 1, k_split=4)),
 ], ids=str)
 def test_fma_tiles_multiply_exactly(case, tiles, device):
-    """With exact products configured (mma="fp16") the FMA tiles (one or two rows, FP32 units;
-    weights loaded a step ahead or not; K split over the program's warps or not) multiply the
-    FP8 and MXFP4 values exactly and sum in FP32, so they meet the exact-products tolerance, on
+    """The FMA tiles (one or two rows, FP32 units; weights loaded a step ahead or not; K split
+    over the program's warps or not) multiply the FP8 and MXFP4 values exactly and sum in FP32,
+    so they meet the exact-products tolerance with FP8 MMAs configured (the default `mma`), on
     tokens whose groups of 32 are up to 2^12 apart, with K ending on a partial step (H = 160,
-    2880) or not (1152). With the default `mma` the same tiles sum in FP16 lanes
-    (test_fma_tiles_with_half_sums)."""
-    y, ref = _run_fma_case(case, tiles, "fp16", device)
-    assert relative_error(y, ref) <= LAYER_EXACT_PRODUCTS
-
-
-def _run_fma_case(case, tiles, mma, device):
+    2880) or not (1152)."""
     shape = MoEShape("case", case.experts, case.topk, case.hidden, case.inter)
     p = make_problem(shape, case.tokens, routing=case.routing, seed=5)
     p.x = _spread_groups(p.x, seed=6)
     p = p.to(device)
     buf = megamoe.MegaMoEBuffer(case.experts, case.capacity, case.topk, case.hidden, case.inter,
-                                intermediate_sf=case.intermediate_sf, mma=mma, device=device)
+                                intermediate_sf=case.intermediate_sf, device=device)
     l1, l2 = megamoe.transform_weights(p.l1, p.l2)
     megamoe.pre_dispatch(p.x, p.topk_idx, p.topk_weights, buf)
     y = torch.full_like(p.x, float("nan"))
     with force_config(**tiles):
         megamoe.mega_moe(y, l1, l2, buf)
-    return y, reference(case, p)[0]
-
-
-@pytest.mark.parametrize("case, tiles", [
-    (Case(160, 96, 4, 2, 40, 40, routing="skewed"), _fma_tiles(2, 2, 2)),
-    (Case(2880, 64, 4, 2, 5, 8), _fma_tiles(2, 1, 2, k_split=4)),
-    (Case(1152, 96, 4, 2, 5, 8), _fma_tiles(1, 2, 1, k_split=2)),
-], ids=str)
-def test_fma_tiles_with_half_sums(case, tiles, device):
-    """The default `mma` ("fp8"): the FMA tiles add each group's products in FP16 lanes
-    (`expert_mma._half_sums`, whose order test_half_sums_add_in_order checks bit for bit), so the
-    layer lands within the kernels' tolerance of the reference (the lanes' roundings, 2^-11 of
-    a partial sum each, move L1's output by about 1e-4 of itself and now and then tip an FP8
-    requantization), and away from it: a lost lane or word is >= 1e-2."""
-    y, ref = _run_fma_case(case, tiles, "fp8", device)
-    assert relative_error(y, ref) <= LAYER_KERNEL_VS_REFERENCE
-
-
-@triton.jit
-def _half_sums_kernel(lo_ptr, hi_ptr, x_lo_ptr, x_hi_ptr, out_ptr, W: tl.constexpr, PTX: tl.constexpr):
-    i = (tl.arange(0, W)[:, None, None] * 64 + tl.arange(0, 4)[None, :, None] * 16
-         + tl.arange(0, 16)[None, None, :])[None]
-    j = (tl.arange(0, 4)[:, None] * 16 + tl.arange(0, 16)[None, :])[None, None]
-    sums = _half_sums(tl.load(lo_ptr + i), tl.load(hi_ptr + i), tl.load(x_lo_ptr + j), tl.load(x_hi_ptr + j), PTX)
-    o = (tl.arange(0, W)[:, None, None] * 8 + tl.arange(0, 4)[None, :, None] * 2 + tl.arange(0, 2)[None, None, :])[None]
-    tl.store(out_ptr + o, sums)
-
-
-def _half_lanes(w, x):
-    """numpy model of `_half_sums` for one group: w, x float16 [..., 16]."""
-    p = (w.astype(np.float32) * x.astype(np.float32)).astype(np.float16)   # exact
-    lanes = p[..., 0:2]
-    for i in range(1, 8):
-        lanes = (lanes.astype(np.float32) + p[..., 2 * i:2 * i + 2].astype(np.float32)).astype(np.float16)
-    return lanes[..., 0].astype(np.float32) + lanes[..., 1].astype(np.float32)
-
-
-def test_half_sums_add_in_order(device):
-    """`_half_sums` (inline PTX on a GPU, Triton ops in the interpreter) against a numpy model of
-    the documented order, bit for bit: each group's even and odd products summed in order in
-    FP16, the two lanes added in FP32. The operands are what the FMA tiles feed it (MXFP4 values
-    * 2^-6 and FP8 activations, as FP16) and the products exact; the sums are large enough that
-    many additions round."""
-    W = 8
-    g = torch.Generator().manual_seed(11)
-    e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
-    def weights():
-        v = e2m1[torch.randint(0, 8, (W, 4, 16), generator=g)] * (1 - 2 * torch.randint(0, 2, (W, 4, 16), generator=g))
-        return (v / 64).to(torch.float16)
-    def acts():
-        v = torch.randn(4, 16, generator=g) * 2.0 ** torch.randint(-6, 8, (4, 16), generator=g)
-        return v.clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float16)
-    lo, hi, x_lo, x_hi = weights(), weights(), acts(), acts()
-    out = torch.empty(W, 4, 2, device=device)
-    _half_sums_kernel[(1,)](lo.to(device), hi.to(device), x_lo.to(device), x_hi.to(device), out, W=W,
-                            PTX=device.type == "cuda")
-    expect = np.stack([_half_lanes(lo.numpy(), x_lo.numpy()[None]), _half_lanes(hi.numpy(), x_hi.numpy()[None])], -1)
-    assert np.array_equal(out.cpu().numpy(), expect)
-    # Not the FP32 sum: FP16 lanes round.
-    exact = np.stack([(lo.double() * x_lo.double()).sum(-1).numpy(), (hi.double() * x_hi.double()).sum(-1).numpy()], -1)
-    assert not np.array_equal(expect.astype(np.float64), exact)
+    assert relative_error(y, reference(case, p)[0]) <= LAYER_EXACT_PRODUCTS
 
 
 MIXED_TILES = {1: dict(l1=GemmConfig(16, 32, 4, 4, fma_mix=1), l2=GemmConfig(16, 64, 4, 4, fma_mix=1)),

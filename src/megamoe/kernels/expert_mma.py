@@ -291,124 +291,29 @@ def _load_scales(ptrs, PTX: tl.constexpr):
 
 
 @triton.jit
-def _fma_row(lo, hi, sw_lo, sw_hi, a_ptr, a_scale_ptr, row, stride_a_m, stride_as_m, step, k_lo, g_lo, k_size,
-             MASKED: tl.constexpr, PTX: tl.constexpr, HALF: tl.constexpr):
-    """What one activation row adds to its accumulator in a step: for each weight row n's 16-byte
-    piece q of K range s's step (`step` [SPLIT, 1, 1, 1], or a scalar without split K), its low
-    nibbles (group g) and high nibbles (group g + 1), each multiplied by the row's activations
-    and both groups' scales.
-    HALF: lo and hi are fp16, each group's 16 products summed in FP16 lanes (`_half_sums`), the
-    result [SPLIT, BLOCK_W, 4, 2] (the two groups last; g_lo and sw_lo cover both, sw_hi is
-    unused). Else lo and hi are fp32, exact products and FP32 sums, the result
-    [SPLIT, BLOCK_W, 4, 1]."""
+def _fma_row(lo, hi, a_ptr, a_scale_ptr, row, stride_a_m, stride_as_m, step, k_lo, g_lo, k_size,
+             MASKED: tl.constexpr, PTX: tl.constexpr):
+    """Partial sums [SPLIT, BLOCK_W, 4, 1] of one activation row against a step's decoded
+    weights: entry (s, n, q) is weight row n's 16-byte piece q in K range s's step (`step`
+    [SPLIT, 1, 1, 1], or a scalar without split K), its low nibbles (group g_lo[q]) and high
+    nibbles (group g_lo[q] + 1) each multiplied by the row's activations and group scale."""
     k = 128 * step + k_lo
     base = a_ptr + row * stride_a_m + k
     if MASKED:
-        x_lo = tl.load(base, mask=k < k_size, other=0.0).to(lo.dtype)
-        x_hi = tl.load(base + 32, mask=k + 32 < k_size, other=0.0).to(lo.dtype)
+        x_lo = tl.load(base, mask=k < k_size, other=0.0).to(tl.float32)
+        x_hi = tl.load(base + 32, mask=k + 32 < k_size, other=0.0).to(tl.float32)
     else:
-        x_lo = tl.load(base).to(lo.dtype)
-        x_hi = tl.load(base + 32).to(lo.dtype)
+        x_lo = tl.load(base).to(tl.float32)
+        x_hi = tl.load(base + 32).to(tl.float32)
     s_ptrs = a_scale_ptr + row * stride_as_m + 4 * step + g_lo
-    if HALF:
-        out = _half_sums(lo, hi, x_lo, x_hi, PTX) * _load_scales(s_ptrs, PTX) * sw_lo
-    else:
-        p_lo = tl.sum(lo * x_lo, axis=3, keep_dims=True) * _load_scales(s_ptrs, PTX)
-        p_hi = tl.sum(hi * x_hi, axis=3, keep_dims=True) * _load_scales(s_ptrs + 1, PTX)
-        out = p_lo * sw_lo + p_hi * sw_hi
-    return out
-
-
-@triton.jit
-def _lanes_in_order(p):
-    """p [S, W, 4, 16] -> [S, W, 4, 2]: lane j the FP16 sum of p[..., 2i + j] over i = 0 .. 7, in
-    that order, as the inline PTX of `_half_sums` adds (tl.sum under the interpreter adds in
-    FP32 and rounds once)."""
-    S: tl.constexpr = p.shape[0]
-    W: tl.constexpr = p.shape[1]
-    # [.., lane, i] with i = 4a + 2b + c, split on c, then b, then a.
-    p = tl.reshape(tl.permute(tl.reshape(p, (S, W, 4, 8, 2)), (0, 1, 2, 4, 3)), (S, W, 4, 2, 2, 2, 2))
-    c0, c1 = tl.split(p)
-    b00, b01 = tl.split(c0)
-    b10, b11 = tl.split(c1)
-    t0, t4 = tl.split(b00)
-    t2, t6 = tl.split(b01)
-    t1, t5 = tl.split(b10)
-    t3, t7 = tl.split(b11)
-    return ((((((t0 + t1) + t2) + t3) + t4) + t5) + t6) + t7
-
-
-@triton.jit
-def _first(v):
-    """v [S, W, 4, 16] -> v[:, :, :, 0] and v[:, :, :, 1], each [S, W, 4] (splits within a thread)."""
-    S: tl.constexpr = v.shape[0]
-    W: tl.constexpr = v.shape[1]
-    even, odd = tl.split(tl.reshape(v, (S, W, 4, 8, 2)))
-    for n in tl.static_range(3):
-        even, _ = tl.split(tl.reshape(even, (S, W, 4, 4 >> n, 2)))
-        odd, _ = tl.split(tl.reshape(odd, (S, W, 4, 4 >> n, 2)))
-    return tl.reshape(even, (S, W, 4)), tl.reshape(odd, (S, W, 4))
-
-
-@triton.jit
-def _half_sums(lo, hi, x_lo, x_hi, PTX: tl.constexpr):
-    """fp32 [S, W, 4, 2]: the sums over the last axis of lo * x_lo (index 0 of the last axis) and
-    of hi * x_hi (index 1), all four fp16 [S, W, 4, 16] (a piece's 16 weights of one scale group
-    and their activations), with FP16 partial sums. The products are exact in FP16 (an e2m1
-    value * 2^-6 times an e4m3 value: at most six significant bits, between 2^-16 and 42). The
-    even elements and the odd ones (two lanes) are each added in order in FP16, eight products
-    a lane; the lanes meet in FP32. On the GPU that is one f16x2 multiply and seven f16x2 FMAs a
-    group on the registers the FP8 -> FP16 conversions fill (inline PTX: Triton's own code for
-    the same sums paired elements of different registers and spent a PRMT on each pair). The
-    inline PTX's result has the shape of its operands: elements 0 and 1 of each piece hold the
-    sums, the others zeros that nothing reads (so ptxas drops them)."""
-    S: tl.constexpr = lo.shape[0]
-    W: tl.constexpr = lo.shape[1]
-    if PTX:
-        sums = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 a, b;
-            .reg .b16 a0, a1, b0, b1;
-            .reg .f32 fa0, fa1, fb0, fb1;
-            mul.rn.f16x2 a, $16, $32;
-            fma.rn.f16x2 a, $17, $33, a;
-            fma.rn.f16x2 a, $18, $34, a;
-            fma.rn.f16x2 a, $19, $35, a;
-            fma.rn.f16x2 a, $20, $36, a;
-            fma.rn.f16x2 a, $21, $37, a;
-            fma.rn.f16x2 a, $22, $38, a;
-            fma.rn.f16x2 a, $23, $39, a;
-            mul.rn.f16x2 b, $24, $40;
-            fma.rn.f16x2 b, $25, $41, b;
-            fma.rn.f16x2 b, $26, $42, b;
-            fma.rn.f16x2 b, $27, $43, b;
-            fma.rn.f16x2 b, $28, $44, b;
-            fma.rn.f16x2 b, $29, $45, b;
-            fma.rn.f16x2 b, $30, $46, b;
-            fma.rn.f16x2 b, $31, $47, b;
-            mov.b32 {a0, a1}, a;
-            mov.b32 {b0, b1}, b;
-            cvt.f32.f16 fa0, a0;
-            cvt.f32.f16 fa1, a1;
-            cvt.f32.f16 fb0, b0;
-            cvt.f32.f16 fb1, b1;
-            add.f32 $0, fa0, fa1;
-            add.f32 $1, fb0, fb1;
-            mov.b32 $2, 0; mov.b32 $3, 0; mov.b32 $4, 0; mov.b32 $5, 0; mov.b32 $6, 0; mov.b32 $7, 0; mov.b32 $8, 0; mov.b32 $9, 0; mov.b32 $10, 0; mov.b32 $11, 0; mov.b32 $12, 0; mov.b32 $13, 0; mov.b32 $14, 0; mov.b32 $15, 0;
-            }""",
-            constraints="=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,"
-                        "r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-            args=[lo, hi, x_lo, x_hi], dtype=tl.float32, is_pure=True, pack=16)
-        s_lo, s_hi = _first(sums)
-    else:
-        s_lo = tl.sum(_lanes_in_order(lo * x_lo).to(tl.float32), axis=3)
-        s_hi = tl.sum(_lanes_in_order(hi * x_hi).to(tl.float32), axis=3)
-    return tl.join(s_lo, s_hi)
+    s_lo = _load_scales(s_ptrs, PTX)
+    s_hi = _load_scales(s_ptrs + 1, PTX)
+    return tl.sum(lo * x_lo, axis=3, keep_dims=True) * s_lo, tl.sum(hi * x_hi, axis=3, keep_dims=True) * s_hi
 
 
 @triton.jit
 def _fma_step(raw, step, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m, stride_as_m, k_lo,
-              g_lo, k_size, R: tl.constexpr, MASKED: tl.constexpr, PTX: tl.constexpr, HALF: tl.constexpr):
+              g_lo, k_size, R: tl.constexpr, MASKED: tl.constexpr, PTX: tl.constexpr):
     """acc0, acc1 (rows row0, row1) + one 128-wide step of K in each K range from its bytes `raw`
     [SPLIT, BLOCK_W, 64], `step` the ranges' steps ([SPLIT, 1, 1], or a scalar without split K).
     A range with nothing to add passes code-0 bytes: its products are zeros."""
@@ -418,27 +323,26 @@ def _fma_step(raw, step, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, st
         lo, hi = decode_e2m1_pair_packed(packed)
     else:
         lo, hi = decode_e2m1_pair(packed)
-    lo = lo.to(tl.float16 if HALF else tl.float32)
-    hi = hi.to(tl.float16 if HALF else tl.float32)
+    lo = lo.to(tl.float32)
+    hi = hi.to(tl.float32)
     if SPLIT > 1:
         step = step[:, :, :, None]
     sw_lo = _load_scales(ws_ptrs + 4 * step, PTX)
-    if HALF:
-        sw_hi = sw_lo
-    else:
-        sw_hi = _load_scales(ws_ptrs + 4 * step + 1, PTX)
-    acc0 += _fma_row(lo, hi, sw_lo, sw_hi, a_ptr, a_scale_ptr, row0, stride_a_m, stride_as_m, step, k_lo, g_lo,
-                     k_size, MASKED, PTX, HALF)
+    sw_hi = _load_scales(ws_ptrs + 4 * step + 1, PTX)
+    p_lo, p_hi = _fma_row(lo, hi, a_ptr, a_scale_ptr, row0, stride_a_m, stride_as_m, step, k_lo, g_lo, k_size,
+                          MASKED, PTX)
+    acc0 += p_lo * sw_lo + p_hi * sw_hi
     if R > 1:
-        acc1 += _fma_row(lo, hi, sw_lo, sw_hi, a_ptr, a_scale_ptr, row1, stride_a_m, stride_as_m, step, k_lo, g_lo,
-                         k_size, MASKED, PTX, HALF)
+        p_lo, p_hi = _fma_row(lo, hi, a_ptr, a_scale_ptr, row1, stride_a_m, stride_as_m, step, k_lo, g_lo, k_size,
+                              MASKED, PTX)
+        acc1 += p_lo * sw_lo + p_hi * sw_hi
     return acc0, acc1
 
 
 @triton.jit
 def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr, a_rows, stride_a_m, a_scale_ptr,
                    stride_as_m, k_size, PTX: tl.constexpr, WIDE_SCALES: tl.constexpr, AHEAD: tl.constexpr,
-                   SPLIT: tl.constexpr, HALF: tl.constexpr):
+                   SPLIT: tl.constexpr):
     """`mxfp4_rows_dot` for one or two activation rows (FMA tiles), on the FP32 units.
 
     Each thread loads 16 bytes of a weight row a step (32 weights: 16 of one scale group in
@@ -468,17 +372,13 @@ def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr
     q = tl.arange(0, 4)
     # Byte j of chunk c holds element 64c + j (low nibble) and 64c + 32 + j (high nibble).
     k_lo = (64 * (q // 2) + 16 * (q % 2))[None, None, :, None] + tl.arange(0, 16)[None, None, None, :]
-    # Scales and partial sums are [SPLIT, BLOCK_W, 4, G]: the layout of the pieces' sums, with
-    # HALF both groups of a piece (G = 2), else the low one (G = 1; the high one is g_lo + 1).
-    if HALF:
-        g_lo = 2 * (q // 2)[None, None, :, None] + tl.arange(0, 2)[None, None, None, :]
-    else:
-        g_lo = 2 * (q // 2)[None, None, :, None]
+    # Scales and partial sums are [SPLIT, BLOCK_W, 4, 1]: the layout of the pieces' sums.
+    g_lo = 2 * (q // 2)[None, None, :, None]
     if WIDE_SCALES:
         w_rows = w_rows.to(tl.int64)
     ws_ptrs = w_scale_ptr + w_rows[None, :, None, None] * stride_ws_n + g_lo
-    acc0 = tl.zeros((SPLIT, BLOCK_W, 4, 2 if HALF else 1), dtype=tl.float32)
-    acc1 = tl.zeros((SPLIT, BLOCK_W, 4, 2 if HALF else 1), dtype=tl.float32)
+    acc0 = tl.zeros((SPLIT, BLOCK_W, 4, 1), dtype=tl.float32)
+    acc1 = tl.zeros((SPLIT, BLOCK_W, 4, 1), dtype=tl.float32)
     full_steps = k_size // 128
     # Range s runs whole steps first[s] .. first[s] + per - 1, and with split K one of the last
     # full_steps % SPLIT ones after the loop. Every address in the loop is affine in its
@@ -499,18 +399,18 @@ def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr
         for i in range(0, per - 1, 2):
             b_raw = tl.load(w_ptrs + (first + i + 1) * TILE_STEP_BYTES)
             acc0, acc1 = _fma_step(a_raw, first + i, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1,
-                                   stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, False, PTX, HALF)
+                                   stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
             a_raw = tl.load(w_ptrs + tl.minimum(first + i + 2, last) * TILE_STEP_BYTES)
             acc0, acc1 = _fma_step(b_raw, first + i + 1, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1,
-                                   stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, False, PTX, HALF)
+                                   stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
         if per % 2 == 1:
             acc0, acc1 = _fma_step(a_raw, first + per - 1, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr, row0,
-                                   row1, stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, False, PTX, HALF)
+                                   row1, stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, False, PTX)
     else:
         for i in range(0, per):
             acc0, acc1 = _fma_step(tl.load(w_ptrs + (first + i) * TILE_STEP_BYTES), first + i, acc0, acc1,
                                    ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m, stride_as_m, k_lo, g_lo,
-                                   k_size, R, False, PTX, HALF)
+                                   k_size, R, False, PTX)
     if SPLIT > 1:
         if full_steps % SPLIT != 0:
             # The last whole steps, one a range; the other ranges load no bytes (code 0: they
@@ -520,7 +420,7 @@ def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr
             tail = tl.minimum(tail, full_steps - 1)
             acc0, acc1 = _fma_step(tl.load(w_ptrs + tail * TILE_STEP_BYTES, mask=live, other=0), tail, acc0,
                                    acc1, ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m, stride_as_m, k_lo, g_lo,
-                                   k_size, R, False, PTX, HALF)
+                                   k_size, R, False, PTX)
     if k_size % 128 != 0:
         # Weights past K are code 0 in the tiled layout; the activations past K are masked (they
         # are the next row's, or past the end of the buffer). With split K range 0 takes the
@@ -528,13 +428,13 @@ def mxfp4_rows_fma(w_ptr, w_scale_ptr, w_rows, stride_w_tile, stride_ws_n, a_ptr
         if SPLIT == 1:
             acc0, acc1 = _fma_step(tl.load(w_ptrs + full_steps * TILE_STEP_BYTES), full_steps, acc0, acc1,
                                    ws_ptrs, a_ptr, a_scale_ptr, row0, row1, stride_a_m, stride_as_m, k_lo, g_lo,
-                                   k_size, R, True, PTX, HALF)
+                                   k_size, R, True, PTX)
         else:
             split = tl.arange(0, SPLIT)[:, None, None]
             step = full_steps + 0 * split
             raw = tl.load(w_ptrs + step * TILE_STEP_BYTES, mask=split == 0, other=0)
             acc0, acc1 = _fma_step(raw, step, acc0, acc1, ws_ptrs, a_ptr, a_scale_ptr,
-                                   row0, row1, stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, True, PTX, HALF)
+                                   row0, row1, stride_a_m, stride_as_m, k_lo, g_lo, k_size, R, True, PTX)
     # The decode yields value * 2^-6 (see decode_e2m1_pair); undone once.
     out0 = tl.sum(tl.sum(tl.sum(acc0, axis=3), axis=2), axis=0) * 64.0
     if R == 1:
@@ -557,8 +457,7 @@ def expert_rows_dot(w_ptr, w_scale_ptr, w_rows, w_mask, stride_w_n, stride_ws_n,
     if QUANTIZED and a_rows.shape[0] <= FMA_ROWS:
         acc = mxfp4_rows_fma(w_ptr, w_scale_ptr, tl.where(w_mask, w_rows, 0), stride_w_n, stride_ws_n, a_ptr,
                              tl.where(a_mask, a_rows, 0), stride_a_m, a_scale_ptr, stride_as_m, k_size,
-                             PTX=not UPCAST, WIDE_SCALES=WIDE_SCALES, AHEAD=FMA_AHEAD, SPLIT=FMA_SPLIT,
-                             HALF=not F16_MMA)
+                             PTX=not UPCAST, WIDE_SCALES=WIDE_SCALES, AHEAD=FMA_AHEAD, SPLIT=FMA_SPLIT)
     elif QUANTIZED:
         acc = mxfp4_rows_dot(w_ptr, w_scale_ptr, tl.where(w_mask, w_rows, 0), stride_w_n, stride_ws_n, a_ptr,
                              tl.where(a_mask, a_rows, 0), stride_a_m, a_scale_ptr, stride_as_m, k_size,
