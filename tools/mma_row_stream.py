@@ -106,9 +106,9 @@ def run_mma(pr: Problem, k_width: int, warps: int) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=lambda t: [tuple(map(int, c.split("x"))) for c in t.split(",")],
-                   default=[(4096, 4096, 6), (4096, 2048, 6), (4096, 4096, 44), (5760, 2880, 4), (5760, 2880, 30)],
+                   default=[(4096, 4096, 6), (4096, 2048, 6), (4096, 4096, 44), (5760, 2816, 4), (5760, 2816, 30)],
                    help="N x K x experts (default: v4-flash L1 and L2 at one token, L1 at 8 tokens; "
-                        "gpt-oss-120b L1 at 1 and 8 tokens)")
+                        "gpt-oss-120b L1 at 1 and 8 tokens, K cut to whole steps)")
     args = p.parse_args(argv)
     device = torch.device("cuda")
     torch.manual_seed(0)
