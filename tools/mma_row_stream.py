@@ -16,6 +16,14 @@ Variants: `mma kW` (k_width W of the operands; 2 is the MMA's native one) next t
 loop (`fma a8 W64`) and a read-only kernel of the same bytes, each checked against float64
 products first (exact products and FP32 sums: relative error below 1e-6).
 
+On an H200 (2026-12-02, run 18 of docs/bench/h200_2026-12-02/): exact (4e-8 against float64,
+1.4e-7 from the FMA loop), but not faster: v4-flash L1 at one token 31.7 us (k8 W64) against
+30.9 for the FMA loop, L2 17.0 against 18.2, L1 at 8 tokens (44 experts) 155.9 against 135.1;
+gpt-oss-120b L1 23.0 against 23.0 and 88.9 against 91.1. k_width 4 and 2 (more, smaller loads)
+and 128-row tiles were slower. Fewer instructions (186 SASS a step against 309) did not buy
+speed; not profiled, a likely reason is that each group's two dependent MMAs and the promotion
+that waits for them sit on the step's critical path.
+
     python tools/mma_row_stream.py [--cases 4096x4096x6,4096x2048x6,4096x4096x44]
 """
 
