@@ -231,31 +231,44 @@ def main(argv=None) -> None:
     from megamoe.bench.timing import time_graph
     results = []
     for n, k, experts in args.cases:
-        big = Problem(256, n, k, experts, 4, device)
-        # Rotate over 4 disjoint sets of experts so the weights are not served from the L2 cache.
-        probs = []
-        for i in range(4):
-            sub = Problem.__new__(Problem)
-            sub.__dict__.update(big.__dict__)
-            sub.experts = torch.arange(i * experts, (i + 1) * experts, dtype=torch.int32, device=device)
-            probs.append(sub)
-        nbytes = experts * n * k // 2 + experts * n * k // 32 * 2
-        # The read-only kernel also rotates over 4 disjoint ranges.
-        srcs = [big.w.view(-1)[i * nbytes:(i + 1) * nbytes] for i in range(4)]
-        sums = torch.empty(132 * 8, dtype=torch.int32, device=device)
-        us = time_graph([lambda src=src: _read_kernel[(sums.numel(),)](src, sums, nbytes // 4096, CHUNK=4096,
-                                                                        num_warps=8) for src in srcs])
-        results.append((n, k, experts, "read-only", us, nbytes))
+        probs, nbytes, read_us = rotations(n, k, experts, 4, device)
+        results.append((n, k, experts, "read-only", read_us, nbytes))
         for v in VARIANTS:
             if v.rows > 1 and experts * v.rows > 64:
                 continue
             us = time_graph([lambda pr=pr, v=v: pr.run(v, ptx) for pr in probs])
             results.append((n, k, experts, v.name, us, nbytes))
-        del big, probs
+        del probs
         torch.cuda.empty_cache()
-    print(f"{'N x K':12s} {'experts':>7s} {'variant':24s} {'us':>8s} {'TB/s':>6s}")
+    print_table(results)
+
+
+def rotations(n, k, experts, rows, device):
+    """Four Problems over disjoint sets of `experts` of one 256-expert set of weights, to run in
+    rotation so the weights are not served from the L2 cache; their bytes; and the time of the
+    read-only kernel over 4 disjoint ranges of as many bytes."""
+    from megamoe.bench.timing import time_graph
+    big = Problem(256, n, k, experts, rows, device)
+    probs = []
+    for i in range(4):
+        sub = Problem.__new__(Problem)
+        sub.__dict__.update(big.__dict__)
+        sub.experts = torch.arange(i * experts, (i + 1) * experts, dtype=torch.int32, device=device)
+        sub.out = torch.empty_like(big.out)
+        probs.append(sub)
+    nbytes = experts * n * k // 2 + experts * n * k // 32 * 2
+    srcs = [big.w.view(-1)[i * nbytes:(i + 1) * nbytes] for i in range(4)]
+    sums = torch.empty(132 * 8, dtype=torch.int32, device=device)
+    read_us = time_graph([lambda src=src: _read_kernel[(sums.numel(),)](src, sums, nbytes // 4096, CHUNK=4096,
+                                                                         num_warps=8) for src in srcs])
+    return probs, nbytes, read_us
+
+
+def print_table(results):
+    """results: (N, K, experts, variant, us, bytes) rows."""
+    print(f"{'N x K':12s} {'experts':>7s} {'variant':28s} {'us':>8s} {'TB/s':>6s}")
     for n, k, experts, name, us, nbytes in results:
-        print(f"{f'{n}x{k}':12s} {experts:7d} {name:24s} {us:8.1f} {nbytes / us / 1e6:6.2f}")
+        print(f"{f'{n}x{k}':12s} {experts:7d} {name:28s} {us:8.1f} {nbytes / us / 1e6:6.2f}")
 
 
 if __name__ == "__main__":

@@ -38,27 +38,18 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from megamoe.kernels.expert_mma import DECODE_E2M1_PAIR_PTX
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fma_stream import Problem, Variant, _read_kernel  # noqa: E402  (the same weights, checks and reference)
+from fma_stream import Problem, Variant, print_table, rotations  # noqa: E402  (the same weights and harness)
 
 
 @gluon.jit
 def _decode(packed):
     """`expert_mma.decode_e2m1_pair_packed` in Gluon: four bytes an instruction, elementwise."""
     low, high = gl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t0, t1;
-        shl.b32 t0, $2, 4;
-        shl.b32 t1, $2, 2;
-        and.b32 t0, t0, 0x80808080;
-        and.b32 t1, t1, 0x1C1C1C1C;
-        or.b32 $0, t0, t1;
-        shr.b32 t1, $2, 2;
-        and.b32 t0, $2, 0x80808080;
-        and.b32 t1, t1, 0x1C1C1C1C;
-        or.b32 $1, t0, t1;
-        }""",
-        constraints="=r,=r,r", args=[packed], dtype=(gl.uint8, gl.uint8), is_pure=True, pack=4)
+        asm=DECODE_E2M1_PAIR_PTX, constraints="=r,=r,r", args=[packed], dtype=(gl.uint8, gl.uint8), is_pure=True,
+        pack=4)
     return low.to(gl.float8e4nv, bitcast=True), high.to(gl.float8e4nv, bitcast=True)
 
 
@@ -132,20 +123,8 @@ def main(argv=None) -> None:
     from megamoe.bench.timing import time_graph
     results = []
     for n, k, experts in args.cases:
-        big = Problem(256, n, k, experts, 1, device)
-        probs = []
-        for i in range(4):   # 4 disjoint sets of experts in rotation: no L2-cache hits
-            sub = Problem.__new__(Problem)
-            sub.__dict__.update(big.__dict__)
-            sub.experts = torch.arange(i * experts, (i + 1) * experts, dtype=torch.int32, device=device)
-            sub.out = torch.empty_like(big.out)
-            probs.append(sub)
-        nbytes = experts * n * k // 2 + experts * n * k // 32 * 2
-        srcs = [big.w.view(-1)[i * nbytes:(i + 1) * nbytes] for i in range(4)]
-        sums = torch.empty(132 * 8, dtype=torch.int32, device=device)
-        us = time_graph([lambda src=src: _read_kernel[(sums.numel(),)](src, sums, nbytes // 4096, CHUNK=4096,
-                                                                        num_warps=8) for src in srcs])
-        results.append((n, k, experts, "read-only", us, nbytes))
+        probs, nbytes, read_us = rotations(n, k, experts, 1, device)
+        results.append((n, k, experts, "read-only", read_us, nbytes))
         us = time_graph([lambda pr=pr: pr.run(fma, True) for pr in probs])
         results.append((n, k, experts, "fma a8 W64 (layer's loop)", us, nbytes))
         for kw, warps in mma_variants:
@@ -157,12 +136,9 @@ def main(argv=None) -> None:
         run_mma(probs[0], 8, 4)
         diff = ((probs[0].out - ref_out).norm() / ref_out.norm()).item()
         print(f"{n}x{k}x{experts}: mma k8 against fma a8: rel diff {diff:.2e}", flush=True)
-        del big, probs
+        del probs
         torch.cuda.empty_cache()
-    print(f"{'N x K':12s} {'experts':>7s} {'variant':28s} {'us':>8s} {'TB/s':>6s}")
-    for n, k, experts, name, us, nbytes in results:
-        print(f"{f'{n}x{k}':12s} {experts:7d} {name:28s} {us:8.1f} {nbytes / us / 1e6:6.2f}")
-
+    print_table(results)
 
 if __name__ == "__main__":
     main()

@@ -47,15 +47,7 @@ NARROW_ROWS = tl.constexpr(_NARROW_ROWS)
 FMA_ROWS = tl.constexpr(_FMA_ROWS)
 
 
-@triton.jit
-def decode_e2m1_pair_packed(packed):
-    """`decode_e2m1_pair` on four bytes per instruction (GPU only: inline PTX).
-
-    Same bits: low = (p << 4 & 0x80) | (p << 2 & 0x1C), high = (p & 0x80) | (p >> 2 & 0x1C),
-    done on 32-bit registers holding four packed bytes.
-    """
-    low, high = tl.inline_asm_elementwise(
-        asm="""{
+DECODE_E2M1_PAIR_PTX = tl.constexpr("""{
         .reg .b32 t0, t1;
         shl.b32 t0, $2, 4;
         shl.b32 t1, $2, 2;
@@ -66,8 +58,19 @@ def decode_e2m1_pair_packed(packed):
         and.b32 t0, $2, 0x80808080;
         and.b32 t1, t1, 0x1C1C1C1C;
         or.b32 $1, t0, t1;
-        }""",
-        constraints="=r,=r,r", args=[packed], dtype=(tl.uint8, tl.uint8), is_pure=True, pack=4)
+        }""")
+"""`decode_e2m1_pair`'s bits on a 32-bit register of four packed bytes ($2) into the low ($0)
+and high ($1) nibbles' e4m3 bytes: low = (p << 4 & 0x80) | (p << 2 & 0x1C), high = (p & 0x80) |
+(p >> 2 & 0x1C). Also used by tools/mma_row_stream.py's Gluon kernel."""
+
+
+@triton.jit
+def decode_e2m1_pair_packed(packed):
+    """`decode_e2m1_pair` on four bytes per instruction (GPU only: inline PTX,
+    DECODE_E2M1_PAIR_PTX)."""
+    low, high = tl.inline_asm_elementwise(
+        asm=DECODE_E2M1_PAIR_PTX, constraints="=r,=r,r", args=[packed], dtype=(tl.uint8, tl.uint8), is_pure=True,
+        pack=4)
     return low.to(tl.float8e4nv, bitcast=True), high.to(tl.float8e4nv, bitcast=True)
 
 
