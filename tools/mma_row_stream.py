@@ -3,7 +3,7 @@
 The layer's FMA tiles (`expert_mma.mxfp4_rows_fma`, tools/fma_stream.py's "a8 W64 R1") decode a
 row's MXFP4 weights and multiply them on the FP32 units: exact, but about five instructions a
 weight, and from 8 to 64 tokens that issue rate is the limit (docs/PERF.md: FP16 sums at three a
-weight were 12-16% faster there, and less accurate). This tool streams the same weights through a
+weight were 3-15% faster there, and less accurate). This tool streams the same weights through a
 Gluon kernel whose one-row tile is an `mma.sync` m16n8k16 FP16 MMA (gluon's `mma_v2`): each
 thread loads its weight bytes straight into the MMA's operand layout (`DotOperandLayout` with
 k_width 8: eight consecutive K a thread, so the loads are 8-byte vectors and the decode needs no
