@@ -10,7 +10,7 @@ k_width 8: eight consecutive K a thread, so the loads are 8-byte vectors and the
 shuffle), decodes them to FP16 (exact), and the tensor cores multiply them with the row's FP8
 activations (also exact in FP16), summing in FP32; the activation row fills one of the MMA's
 eight columns. Each group of 32 is its own MMA (zero accumulator), promoted with its two scales,
-as in the FMA tiles. sm_90a: 185 SASS a step of 128 K (the FMA loop: 309).
+as in the FMA tiles. sm_90a: 186 SASS a step of 128 K (the FMA loop: 309).
 
 Variants: `mma kW` (k_width W of the operands; 2 is the MMA's native one) next to the layer's FMA
 loop (`fma a8 W64`) and a read-only kernel of the same bytes, each checked against float64
