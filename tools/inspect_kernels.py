@@ -133,7 +133,7 @@ def main():
         k = compile_kernel(fn, types, constexprs, cfg.num_warps, cfg.num_stages, cap)
         ptx = k.asm["ptx"]
         cubin = k.asm["cubin"]
-        tag = f"{name}_m{block_m}"
+        tag = f"{name}_m{block_m}" + (f"k{cfg.k_split}" if cfg.k_split > 1 else "")
         sass = ""
         if args.sass:
             os.makedirs(args.sass, exist_ok=True)
