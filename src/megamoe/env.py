@@ -7,6 +7,8 @@ MEGAMOE_TIMEOUT_S     30  seconds the waits of the multi-rank path may take befo
                           barrier of a symm-backend call.
 MEGAMOE_PDL           1   0 launches the kernels of a call without programmatic dependent launch
                           (kernels/launch.py `pdl_options`; for A/B timing in one run).
+MEGAMOE_WGMMA         1   0 runs the prefill GEMMs on the Triton tiles instead of the Gluon wgmma
+                          kernels of kernels/prefill_wgmma.py (for A/B timing in one run).
 TRITON_INTERPRET      0   1 runs the Triton kernels on the CPU through Triton's interpreter (the
                           tests do this); must be set before megamoe is imported. Without it,
                           CPU tensors take the plain-torch path.
@@ -43,6 +45,10 @@ def timeout_s() -> float:
 
 def pdl() -> bool:
     return _flag("MEGAMOE_PDL", "1")
+
+
+def wgmma() -> bool:
+    return _flag("MEGAMOE_WGMMA", "1")
 
 
 def triton_interpret() -> bool:

@@ -25,6 +25,7 @@ from .kernels.config import GemmConfig, fma_ahead, is_fma, is_wide, pick_config
 from .kernels.l1_swiglu import _l1_swiglu_kernel
 from .kernels.l2 import _l2_kernel
 from .kernels.launch import pdl_options
+from .kernels import prefill_wgmma
 from .kernels.plan import plan
 from .kernels.rebase import rebase_rows
 from .reference import apply_activation, requantize_intermediate
@@ -208,7 +209,8 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
     Prefill tiles (`config.is_wide`) of FP8 rows first rebase them to one scale per 128 of K
     (kernels/rebase.py; the x scales are powers of two): into `rebased` = (rows, scales) when
     given (the local backend: buf.x stays as pre_dispatch wrote it), else in place (received
-    rows, which only this call reads).
+    rows, which only this call reads). On Hopper they then run kernels/prefill_wgmma.py's
+    kernels where `prefill_wgmma.supported` says so.
     """
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
@@ -226,6 +228,11 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         rebase_rows(a, a_scales, dst, dst_scales, num_entries if gathered else num_entries // entries_per_row,
                     hidden, count=buf.expert_offsets[experts:] if gathered else None)
         a, a_scales = dst, dst_scales
+        if prefill_wgmma.supported(buf, True, gathered=gathered, persistent=persistent, remote=False, k=hidden,
+                                   n=2 * inter):
+            prefill_wgmma.launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts,
+                                    pdl_options(buf.device))
+            return
     wide = max(a_scales.numel(), buf.inter_scales.numel(), l1.w_sf.numel() if quantized else 0) >= 2**31
     args = (
         a, a_scales, a.stride(0), a_scales.stride(0),
@@ -281,7 +288,8 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
     out_offset of rank r's buffer (peer_ptrs: int64 base address of each rank's buffer); `out`
     is then unused.
     Prefill tiles (`config.is_wide`) first rebase buf.inter in place to one scale per 128 of K
-    (kernels/rebase.py), with UE8M0 requant only: FP32 scales are not powers of two.
+    (kernels/rebase.py), with UE8M0 requant only: FP32 scales are not powers of two. On Hopper
+    they then run kernels/prefill_wgmma.py's kernel where `prefill_wgmma.supported` says so.
     """
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
@@ -291,6 +299,10 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
     if a_per_step:
         rebase_rows(buf.inter, buf.inter_scales, buf.inter, buf.inter_scales, num_entries, inter,
                     count=buf.expert_offsets[experts:])
+        if prefill_wgmma.supported(buf, True, gathered=gathered, persistent=persistent, remote=remote is not None,
+                                   k=inter, n=hidden):
+            prefill_wgmma.launch_l2(buf, num_entries, route_weights, out, l2, pdl_options(buf.device))
+            return
     w_sf = l2.w_sf if quantized else placeholder
     peer_ptrs, out_offset, entries_per_rank = remote if remote is not None else (placeholder, 0, 1)
     if out is None:

@@ -1,0 +1,442 @@
+"""Prefill tiles on Hopper's asynchronous tensor cores (Gluon): L1 + SwiGLU + requant, and L2.
+
+The Triton prefill tiles (`expert_mma.mxfp4_rows_dot`, A_PER_STEP) feed each decoded weight
+tile to the tensor cores from registers, wait for every MMA, and promote each group of 32 on
+its own; they ran at 11-12% of an H200's FP8 rate (docs/PERF.md, v12). These kernels, written
+in Gluon (`triton.experimental.gluon`, explicit layouts, shared memory and wgmma), take the
+same inputs (rows rebased to one scale per 128 of K, `kernels/rebase.py`) and change three things:
+
+* The weight scales are folded into the decoded FP8 values. In each 128-wide step of a weight
+  row, with m the largest of its four group exponents, group g decodes to
+  round_e4m3(value * 2^(6 - (m - e_g))): the row's step becomes one FP8 matrix with one scale
+  2^(m - 133), so a step is four chained k32 MMAs into one partial tile and one promotion
+  (acc += tile * weight scale * activation scale). Exact while a row's groups of a step span at
+  most 14 binades (6 * 2^6 = 384 fits e4m3, 0.5 * 2^-8 is its smallest subnormal); past that a
+  value rounds to the nearest e4m3, an error of at most 2^-10 of 2^m (the rebase's bound for
+  the activations). The decode looks each code's e4m3 magnitude up in an 8-entry table of its
+  (row, group) with one `prmt` per four codes (FOLD_PTX).
+* The program (one warpgroup: 64 weight rows x up to 128 tokens) copies the step's activation
+  rows (gathered through the sorted-row index where needed), scales and packed weight bytes
+  into shared-memory rings with cp.async, STAGES steps ahead, and decodes the weights into
+  shared memory, so both wgmma operands come from shared memory.
+* The MMAs of step k run asynchronously while the program decodes step k + 1; then it waits
+  for them and promotes. Two programs an SM overlap one's promotion with the other's MMAs.
+
+Measured alone (tools/wgmma_prefill.py, H200, 2026-12-02, v4-flash at 4096 tokens, same run):
+L1's GEMM 2654 us against the Triton L1 stage's 5480, L2's 1548 against 2586.
+
+Used for the prefill tiles (`config.is_wide`) of the FP8 x MXFP4 mode with FP8 MMAs on sm_90
+when the rows are not gathered and the output is local (EP = 1 and the nccl backend):
+`supported`. MEGAMOE_WGMMA=0 keeps the Triton tiles (A/B runs). Gluon kernels do not run under
+the Triton interpreter: the CPU tests cover the Triton tiles, the GPU tests these
+(tests/test_gpu.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from .. import env
+from ..formats import E2M1_VALUES
+from .common import after_predecessor, quantize_groups_fp32, quantize_groups_ue8m0, round_to_bf16, ue8m0_to_fp32
+
+NUM_WARPS = 4
+ROWS_W = 16 * NUM_WARPS
+"""Weight rows a program: one warpgroup, the wgmma's M side (L1: 32 gate and 32 up rows)."""
+ROWS_T = 128
+"""Tokens a program, the wgmma's N side: at prefill an expert has about 100-200 rows, so most
+experts' weights are decoded once or twice (64 tokens: 30% slower, tools/wgmma_prefill.py)."""
+NUM_STAGES = 4
+TABLE_ROWS = 24
+"""Fold tables: row d for a group d binades below its step's largest (clamped: from 19 on every
+entry rounds to zero)."""
+WARPS = gl.constexpr(NUM_WARPS)
+BLOCK_W = gl.constexpr(ROWS_W)
+BLOCK_T = gl.constexpr(ROWS_T)
+STAGES = gl.constexpr(NUM_STAGES)
+LUT_ROWS = gl.constexpr(TABLE_ROWS)
+
+FOLD_PTX = gl.constexpr("""{
+        .reg .b32 t, u, s;
+        and.b32 t, $2, 0x07070707;
+        shr.b32 u, t, 4;
+        or.b32 t, t, u;
+        prmt.b32 s, t, t, 0x20;
+        prmt.b32 t, $3, $4, s;
+        shl.b32 u, $2, 4;
+        and.b32 u, u, 0x80808080;
+        or.b32 $0, t, u;
+        shr.b32 t, $2, 4;
+        and.b32 t, t, 0x07070707;
+        shr.b32 u, t, 4;
+        or.b32 t, t, u;
+        prmt.b32 s, t, t, 0x20;
+        prmt.b32 t, $5, $6, s;
+        and.b32 u, $2, 0x80808080;
+        or.b32 $1, t, u;
+        }""")
+"""Four packed bytes ($2) -> the e4m3 bytes of their low ($0) and high ($1) nibbles. Each
+magnitude (3 bits) is looked up in its group's table words (low nibbles: $3, $4; high: $5, $6):
+t | t >> 4 puts magnitudes i and i + 1 in one byte, so bytes 0 and 2 of it are the four
+selector nibbles of `prmt`; the sign (bit 3 or 7 of each code) is or-ed in."""
+
+
+@functools.cache
+def fold_table(device: torch.device) -> torch.Tensor:
+    """int32 [TABLE_ROWS, 2]: row d holds the e4m3 bytes of the eight e2m1 magnitudes times
+    2^(6 - d), rounded to nearest even, little-endian (word 0: codes 0-3, word 1: codes 4-7)."""
+    mags = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    d = torch.arange(TABLE_ROWS, dtype=torch.float32)
+    values = mags[None, :] * torch.exp2(6.0 - d)[:, None]
+    return values.to(torch.float8_e4m3fn).view(torch.uint8).contiguous().view(torch.int32).to(device)
+
+
+def supported(buf, cfg_wide: bool, *, gathered: bool, persistent: bool, remote: bool, k: int, n: int) -> bool:
+    """Whether a GEMM of `buf` runs these kernels (module docstring); k, n: its weights' K and
+    rows (L1: 2I, L2: H)."""
+    return (cfg_wide and env.wgmma() and buf.mode == "fp8xfp4" and buf.mma == "fp8" and buf.device.type == "cuda"
+            and not env.triton_interpret() and not gathered and not persistent and not remote
+            and n % ROWS_W == 0 and k % 32 == 0 and _is_sm90(buf.device.index or 0))
+
+
+@functools.cache
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+@gluon.jit
+def _fold_decode(raw, l0, l1, h0, h1):
+    """int32 words of packed bytes -> int32 words of the e4m3 bytes of their low and high
+    nibbles (FOLD_PTX), the table words given per element (broadcast along a row)."""
+    return gl.inline_asm_elementwise(
+        asm=FOLD_PTX, constraints="=r,=r,r,r,r,r,r", args=[raw, l0, l1, h0, h1], dtype=(gl.int32, gl.int32),
+        is_pure=True, pack=1)
+
+
+@gluon.jit
+def _table_words(lut_ptr, top, e, like):
+    d = gl.minimum(top - e, LUT_ROWS - 1)
+    w0, _ = gl.broadcast(gl.load(lut_ptr + 2 * d)[:, None], like)
+    w1, _ = gl.broadcast(gl.load(lut_ptr + 2 * d + 1)[:, None], like)
+    return w0, w1
+
+
+@gluon.jit
+def _decode_step(w_words, d0, d1, d2, d3, ws_slot, lut_ptr, step, k_groups, RAW: gl.constexpr):
+    """Decode one step's packed bytes (int32 view [BW, 16] of a ring slot) into FP8 in shared
+    memory (d0-d3: int32 views [BW, 8] of the four groups' [BW, 32] e4m3 tiles), each row's
+    scales (ws_slot: the step's bf16 scales read as int32 [BW, 2]) folded in. Groups past K
+    (k_groups of them are real) are left out of the step's largest exponent: their scales are
+    padding and their codes zero. Returns each row's largest group exponent (SliceLayout(1, RAW))."""
+    # Word j of a row's step holds the bf16 scales of groups 2j (low half) and 2j + 1.
+    w = ws_slot.load(RAW)
+    j = gl.arange(0, 2, layout=gl.SliceLayout(0, RAW))[None, :]
+    e_even = (w >> 7) & 0xFF
+    e_odd = (w >> 23) & 0xFF
+    e0 = _real_group(gl.sum(gl.where(j == 0, e_even, 0), axis=1), 4 * step, k_groups)
+    e1 = _real_group(gl.sum(gl.where(j == 0, e_odd, 0), axis=1), 4 * step + 1, k_groups)
+    e2 = _real_group(gl.sum(gl.where(j == 1, e_even, 0), axis=1), 4 * step + 2, k_groups)
+    e3 = _real_group(gl.sum(gl.where(j == 1, e_odd, 0), axis=1), 4 * step + 3, k_groups)
+    top = gl.maximum(gl.maximum(e0, e1), gl.maximum(e2, e3))
+    # Chunk c (words 8c .. 8c + 7 of a row's 64 bytes, weights.py): byte j's low nibble is
+    # element j of group 2c, its high nibble element j of group 2c + 1. Both chunks are loaded
+    # before any store and each group's tile is an allocation of its own, so the compiler's
+    # shared-memory hazard analysis puts no barrier between the stores.
+    raw0 = w_words.slice(0, 8, dim=1).load(RAW)
+    raw1 = w_words.slice(8, 8, dim=1).load(RAW)
+    l0, l1 = _table_words(lut_ptr, top, e0, raw0)
+    h0, h1 = _table_words(lut_ptr, top, e1, raw0)
+    lo0, hi0 = _fold_decode(raw0, l0, l1, h0, h1)
+    l0, l1 = _table_words(lut_ptr, top, e2, raw1)
+    h0, h1 = _table_words(lut_ptr, top, e3, raw1)
+    lo1, hi1 = _fold_decode(raw1, l0, l1, h0, h1)
+    d0.store(lo0)
+    d1.store(hi0)
+    d2.store(lo1)
+    d3.store(hi1)
+    return top
+
+
+@gluon.jit
+def _real_group(e, group, k_groups):
+    return gl.where(group < k_groups, e, 0)
+
+
+@gluon.jit
+def _find_tile(expert_offsets_ptr, num_experts, tile_id, BLOCK_E: gl.constexpr):
+    """`common.find_expert_tile` (no row-count filter) with Gluon's explicit layouts:
+    (expert, first row, end row) of row tile `tile_id` of BLOCK_T rows; expert = num_experts
+    past the last tile."""
+    L: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    e = gl.arange(0, BLOCK_E, layout=L)
+    ok = e < num_experts
+    lo = gl.load(expert_offsets_ptr + e, mask=ok, other=0)
+    hi = gl.load(expert_offsets_ptr + e + 1, mask=ok, other=0)
+    tiles = (hi - lo + BLOCK_T - 1) // BLOCK_T
+    tile_end = gl.associative_scan(tiles, 0, _add)
+    expert = gl.sum((tile_end <= tile_id).to(gl.int32), axis=0)
+    this = e == expert
+    begin = gl.sum(gl.where(this, tile_end - tiles, 0), axis=0)
+    row_start = gl.sum(gl.where(this, lo, 0), axis=0) + (tile_id - begin) * BLOCK_T
+    row_end = gl.sum(gl.where(this, hi, 0), axis=0)
+    return expert, row_start, row_end
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride_w_tile, ws_ptr, stride_ws_n,
+          w_rows, lut_ptr, k_size, C: gl.constexpr, CP_A: gl.constexpr, CP_S: gl.constexpr, CP_W: gl.constexpr,
+          CP_WS: gl.constexpr):
+    """acc [BLOCK_W, BLOCK_T] (layout C) = sum over K of W[w_rows] A[a_rows]^T with their
+    scales, W the expert's MXFP4 weights (kernel layout, weights.py; ws_ptr its bf16 scales
+    read as int32 pairs, so that cp.async moves at least 4 bytes whatever the row stride), A FP8 rows with one scale per step (a_scale_ptr: [rows, G4] fp32, the
+    step's scale in each of its four entries). a_rows / row_ok: [BLOCK_T] in SliceLayout(1,
+    CP_A) and in CP_S (pairs); w_rows: [BLOCK_W] in SliceLayout(1, CP_W) and SliceLayout(1,
+    CP_WS) (pairs)."""
+    a_rows_a, a_rows_s = a_rows
+    ok_a, ok_s = row_ok
+    w_rows_w, w_rows_ws = w_rows
+    ROWS_C: gl.constexpr = gl.SliceLayout(1, C)
+    COLS_C: gl.constexpr = gl.SliceLayout(0, C)
+    RAW: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [WARPS, 1], [1, 0])
+    FP8_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    GROUP_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
+    GROUP_WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=32, rank=2)
+    PLAIN_2D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    PLAIN_1D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+    steps = gl.cdiv(k_size, 128)
+    k_groups = k_size // 32
+
+    a_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_T, 128], FP8_SMEM)
+    s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_T], PLAIN_1D)
+    w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_W, 64], PLAIN_2D)
+    ws_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_W, 2], PLAIN_2D)
+    # The decoded weights, double-buffered: one [BLOCK_W, 32] tile per group of a step.
+    dec0 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
+    dec1 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
+    dec2 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
+    dec3 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
+
+    ak = gl.arange(0, 128, layout=gl.SliceLayout(0, CP_A))
+    a_src = a_ptr + a_rows_a.to(gl.int64)[:, None] * stride_a + ak[None, :]
+    a_ok, _ = gl.broadcast(ok_a[:, None], a_src)
+    s_src = a_scale_ptr + a_rows_s.to(gl.int64) * stride_as
+    wb = gl.arange(0, 64, layout=gl.SliceLayout(0, CP_W))
+    w_src = w_ptr + (w_rows_w // 32).to(gl.int64)[:, None] * stride_w_tile + (w_rows_w % 32)[:, None] * 64 + wb[None, :]
+    w_all = gl.full(w_src.shape, 1, gl.int1, CP_W)
+    wq = gl.arange(0, 2, layout=gl.SliceLayout(0, CP_WS))
+    ws_src = ws_ptr + w_rows_ws[:, None] * stride_ws_n + wq[None, :]
+    ws_all = gl.full(ws_src.shape, 1, gl.int1, CP_WS)
+    for s in gl.static_range(STAGES - 1):
+        more = s < steps
+        _copy_step(a_ring.index(s), s_ring.index(s), w_ring.index(s), ws_ring.index(s), a_src, a_ok, ak, s_src,
+                   ok_s, w_src, w_all, ws_src, ws_all, s, k_size, more)
+
+    acc = gl.zeros([BLOCK_W, BLOCK_T], gl.float32, C)
+    async_copy.wait_group(STAGES - 2)
+    gl.thread_barrier()
+    top = _decode_step(w_ring.index(0)._reinterpret(gl.int32, [BLOCK_W, 16], PLAIN_2D),
+                       dec0.index(0)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
+                       dec1.index(0)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
+                       dec2.index(0)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
+                       dec3.index(0)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS), ws_ring.index(0), lut_ptr,
+                       0, k_groups, RAW)
+    fence_async_shared()
+    for step in range(steps):
+        slot = step % STAGES
+        cur = step % 2
+        b = a_ring.index(slot)
+        part = warpgroup_mma(dec0.index(cur), b.slice(0, 32, dim=1).permute((1, 0)), acc, use_acc=False,
+                             is_async=True)
+        part = warpgroup_mma(dec1.index(cur), b.slice(32, 32, dim=1).permute((1, 0)), part, is_async=True)
+        part = warpgroup_mma(dec2.index(cur), b.slice(64, 32, dim=1).permute((1, 0)), part, is_async=True)
+        part = warpgroup_mma(dec3.index(cur), b.slice(96, 32, dim=1).permute((1, 0)), part, is_async=True)
+        # Refill the slot step - 1 used: its MMAs were waited for, and the compiler puts a CTA
+        # barrier before these copies (after this program's reads of the slot).
+        nxt = step + STAGES - 1
+        fill = (slot + STAGES - 1) % STAGES
+        _copy_step(a_ring.index(fill), s_ring.index(fill), w_ring.index(fill), ws_ring.index(fill), a_src, a_ok, ak,
+                   s_src, ok_s, w_src, w_all, ws_src, ws_all, nxt, k_size, nxt < steps)
+        # Decode the next step while this one's MMAs run (after the last step: a slot that
+        # nothing reads).
+        async_copy.wait_group(STAGES - 2)
+        gl.thread_barrier()
+        nb = 1 - cur
+        ntop = _decode_step(w_ring.index((step + 1) % STAGES)._reinterpret(gl.int32, [BLOCK_W, 16], PLAIN_2D),
+                            dec0.index(nb)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
+                            dec1.index(nb)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
+                            dec2.index(nb)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
+                            dec3.index(nb)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
+                            ws_ring.index((step + 1) % STAGES), lut_ptr, step + 1, k_groups, RAW)
+        fence_async_shared()
+        part = warpgroup_mma_wait(0, deps=[part])
+        # The step's weight scale 2^(top - 133) and activation scale; both powers of two.
+        sw = gl.convert_layout(((gl.maximum(top, 7) - 6) << 23).to(gl.float32, bitcast=True), ROWS_C)
+        sa = s_ring.index(slot).load(COLS_C)
+        acc += part * (sw[:, None] * sa[None, :])
+        top = ntop
+    async_copy.wait_group(0)
+    return acc
+
+
+@gluon.jit
+def _copy_step(a_slot, s_slot, w_slot, ws_slot, a_src, a_ok, ak, s_src, ok_s, w_src, w_all, ws_src, ws_all, step,
+               k_size, more):
+    """cp.async of step `step`'s activation rows (columns past K as zeros), their scales, the
+    weight bytes and the weight scales into ring slots; one commit group (empty when not `more`)."""
+    async_copy.async_copy_global_to_shared(a_slot, a_src + step * 128, mask=a_ok & more & (step * 128 + ak < k_size)[None, :])
+    async_copy.async_copy_global_to_shared(s_slot, s_src + 4 * step, mask=ok_s & more)
+    async_copy.async_copy_global_to_shared(w_slot, w_src + step * (32 * 64), mask=w_all & more)
+    async_copy.async_copy_global_to_shared(ws_slot, ws_src + 2 * step, mask=ws_all & more)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted_rows_ptr, expert_offsets_ptr,
+               w_ptr, stride_w_e, stride_w_tile, ws_ptr, stride_ws_e, stride_ws_n, bias_ptr, lut_ptr,
+               inter_ptr, inter_scale_ptr, stride_is_m, hidden, inter, num_experts, num_topk, clamp,
+               HAS_CLAMP: gl.constexpr, INTER_SF_FP32: gl.constexpr, HAS_BIAS: gl.constexpr, GPT_OSS: gl.constexpr,
+               BLOCK_E: gl.constexpr, PDL: gl.constexpr):
+    """Program (n, t): intermediate columns 32 n .. 32 n + 31 of row tile t. Its 64 weight rows
+    interleave gate and up rows in blocks of 8 (tile row 16 b + i: gate row 8 b + i for i < 8,
+    up row 8 b + i - 8 otherwise), so that in the wgmma accumulator each thread holds a
+    column's gate and up (rows r and r + 8) and the SwiGLU needs no data movement."""
+    C: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                instr_shape=[16, BLOCK_T, 32])
+    CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
+    CP_S: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    CP_W: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
+    CP_WS: gl.constexpr = gl.BlockedLayout([1, 1], [16, 2], [WARPS, 1], [1, 0])
+    after_predecessor(PDL)
+    expert, r0, r1 = _find_tile(expert_offsets_ptr, num_experts, gl.program_id(1), BLOCK_E)
+    if expert < num_experts:
+        col0 = gl.program_id(0) * 32
+        e64 = expert.to(gl.int64)
+        ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
+        rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
+        # Entry sorted_rows[i] reads token row entry // num_topk (rows past the tile: row 0, masked).
+        src_a = gl.load(sorted_rows_ptr + ra, mask=ra < r1, other=0) // num_topk
+        src_s = gl.load(sorted_rows_ptr + rs, mask=rs < r1, other=0) // num_topk
+        jw = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W))
+        jws = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))
+        acc = _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, (src_a, src_s), (ra < r1, rs < r1),
+                    w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
+                    (_l1_weight_row(jw, col0, inter), _l1_weight_row(jws, col0, inter)), lut_ptr, hidden,
+                    C, CP_A, CP_S, CP_W, CP_WS)
+        if HAS_BIAS:
+            jc = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, C))
+            acc += gl.load(bias_ptr + e64 * 2 * inter + _l1_weight_row(jc, col0, inter))[:, None]
+        # [64, T] -> [4 blocks, 2 (gate, up), 8, T] -> gate, up [32, T] (column 8 block + i).
+        gate, up = gl.split(gl.permute(gl.reshape(acc, [4, 2, 8, BLOCK_T]), (0, 2, 3, 1)))
+        gate = round_to_bf16(gl.reshape(gate, [32, BLOCK_T]))
+        up = round_to_bf16(gl.reshape(up, [32, BLOCK_T]))
+        if HAS_CLAMP:
+            gate = gl.minimum(gate, clamp)
+            up = gl.minimum(gl.maximum(up, -clamp), clamp)
+        if GPT_OSS:
+            act = gate / (1.0 + gl.exp(-1.702 * gate)) * (up + 1.0)
+        else:
+            act = gate / (1.0 + gl.exp(-gate)) * up
+        ACT: gl.constexpr = gl.constexpr(act.type.layout)
+        rows = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACT))
+        row_ok = rows < r1
+        entry = gl.load(sorted_rows_ptr + rows, mask=row_ok, other=0)
+        act = act * gl.load(topk_weights_ptr + entry, mask=row_ok, other=0.0)[None, :]
+        cols = col0 + gl.arange(0, 32, layout=gl.SliceLayout(1, ACT))
+        out_ptrs = inter_ptr + rows.to(gl.int64)[None, :] * inter + cols[:, None]
+        out_ok = gl.broadcast(row_ok[None, :], out_ptrs)[0]
+        grouped = gl.reshape(act, [1, 32, BLOCK_T])
+        if INTER_SF_FP32:
+            q, scale = quantize_groups_fp32(grouped)
+        else:
+            q, exponent = quantize_groups_ue8m0(grouped)
+            scale = ue8m0_to_fp32(exponent)
+        scale = gl.reshape(scale, [BLOCK_T])
+        gl.store(inter_scale_ptr + rows.to(gl.int64) * stride_is_m + gl.program_id(0),
+                 gl.convert_layout(scale, gl.SliceLayout(0, ACT)), mask=row_ok)
+        gl.store(out_ptrs, gl.convert_layout(gl.reshape(q, [32, BLOCK_T]), ACT).to(gl.float8e4nv), mask=out_ok)
+
+
+@gluon.jit
+def _l1_weight_row(j, col0, inter):
+    """L1 weight row of tile row j (see `_l1_kernel`)."""
+    within = j % 16
+    return col0 + (j // 16) * 8 + within % 8 + (within // 8) * inter
+
+
+@gluon.jit
+def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_offsets_ptr, topk_weights_ptr,
+               w_ptr, stride_w_e, stride_w_tile, ws_ptr, stride_ws_e, stride_ws_n, bias_ptr, lut_ptr, out_ptr,
+               hidden, inter, num_experts, HAS_BIAS: gl.constexpr, BLOCK_E: gl.constexpr, PDL: gl.constexpr):
+    """Program (n, t): hidden columns 64 n .. 64 n + 63 of row tile t; row i of the sorted
+    intermediate rows goes to combine row sorted_rows[i] (as `l2._l2_tile`)."""
+    C: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                instr_shape=[16, BLOCK_T, 32])
+    CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
+    CP_S: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    CP_W: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
+    CP_WS: gl.constexpr = gl.BlockedLayout([1, 1], [16, 2], [WARPS, 1], [1, 0])
+    after_predecessor(PDL)
+    expert, r0, r1 = _find_tile(expert_offsets_ptr, num_experts, gl.program_id(1), BLOCK_E)
+    if expert < num_experts:
+        n0 = gl.program_id(0) * BLOCK_W
+        e64 = expert.to(gl.int64)
+        ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
+        rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
+        acc = _gemm(inter_ptr, inter, inter_scale_ptr, stride_is_m, (ra, rs), (ra < r1, rs < r1),
+                    w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
+                    (n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)),
+                     n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))), lut_ptr, inter,
+                    C, CP_A, CP_S, CP_W, CP_WS)
+        rows = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, C))
+        row_ok = rows < r1
+        dst = gl.load(sorted_rows_ptr + rows, mask=row_ok, other=0).to(gl.int64)
+        cols = n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, C))
+        if HAS_BIAS:
+            # The routing weight was folded into L2's input, so the bias gets it here.
+            route_w = gl.load(topk_weights_ptr + dst, mask=row_ok, other=0.0)
+            acc += gl.load(bias_ptr + e64 * hidden + cols)[:, None] * route_w[None, :]
+        out_ptrs = out_ptr + dst[None, :] * hidden + cols[:, None]
+        gl.store(out_ptrs, round_to_bf16(acc).to(gl.bfloat16), mask=gl.broadcast(row_ok[None, :], out_ptrs)[0])
+
+
+def _grid(num_entries: int, num_experts: int, col_tiles: int) -> tuple:
+    # Each expert's last tile may be partial: at most one more tile an expert with rows.
+    return (col_tiles, triton.cdiv(num_entries, ROWS_T) + min(num_experts, num_entries))
+
+
+def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts, pdl: dict) -> None:
+    """`experts.launch_l1` for prefill on these kernels; `a`, `a_scales` already rebased."""
+    experts = buf.num_local_experts
+    placeholder = l1.w
+    _l1_kernel[_grid(num_entries, experts, buf.intermediate // 32)](
+        a, a.stride(0), a_scales, a_scales.stride(0), route_weights, buf.sorted_rows, buf.expert_offsets,
+        l1.w, l1.w.stride(0), l1.w.stride(1), l1.w_sf.view(torch.int32), l1.w_sf.stride(0) // 2, l1.w_sf.stride(1) // 2,
+        l1.bias if l1.bias is not None else placeholder, fold_table(buf.device),
+        buf.inter, buf.inter_scales, buf.inter_scales.stride(0), buf.hidden, buf.intermediate, experts,
+        entries_per_row, float(opts.activation_clamp) if opts.activation_clamp is not None else 0.0,
+        HAS_CLAMP=opts.activation_clamp is not None, INTER_SF_FP32=buf.intermediate_sf == "fp32",
+        HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss",
+        BLOCK_E=triton.next_power_of_2(max(experts, 32 * NUM_WARPS)), num_warps=NUM_WARPS, **pdl)
+
+
+def launch_l2(buf, num_entries, route_weights, out, l2, pdl: dict) -> None:
+    """`experts.launch_l2` for prefill on these kernels; buf.inter already rebased."""
+    experts = buf.num_local_experts
+    _l2_kernel[_grid(num_entries, experts, buf.hidden // ROWS_W)](
+        buf.inter, buf.inter_scales, buf.inter_scales.stride(0), buf.sorted_rows, buf.expert_offsets, route_weights,
+        l2.w, l2.w.stride(0), l2.w.stride(1), l2.w_sf.view(torch.int32), l2.w_sf.stride(0) // 2, l2.w_sf.stride(1) // 2,
+        l2.bias if l2.bias is not None else l2.w, fold_table(buf.device), out, buf.hidden, buf.intermediate,
+        experts, HAS_BIAS=l2.bias is not None, BLOCK_E=triton.next_power_of_2(max(experts, 32 * NUM_WARPS)),
+        num_warps=NUM_WARPS, **pdl)

@@ -1,0 +1,98 @@
+"""The Gluon prefill kernels (kernels/prefill_wgmma.py) on a Hopper GPU, against the float64
+reference and against the Triton prefill tiles they replace (MEGAMOE_WGMMA=0).
+
+Gluon does not run under the Triton interpreter, so these run through the device tool only:
+`python -m pytest -m gpu tests/test_prefill_wgmma.py`.
+"""
+
+import pytest
+import torch
+
+import megamoe
+from megamoe.kernels import prefill_wgmma
+from megamoe.testing import MODEL_SHAPES, MoEShape, make_problem, relative_error
+
+from tolerances import LAYER_KERNEL_VS_REFERENCE
+
+pytestmark = pytest.mark.gpu
+
+TAIL = MoEShape("tail", 8, 2, 320, 160)
+"""K not a multiple of 128 in both GEMMs (2.5 and 1.25 steps): masked activation columns and
+padding scale groups left out of each step's largest exponent."""
+
+
+def _run(p, shape, tokens, monkeypatch, wgmma: bool, **kwargs):
+    monkeypatch.setenv("MEGAMOE_WGMMA", "1" if wgmma else "0")
+    calls = []
+    for name in ("launch_l1", "launch_l2"):
+        original = getattr(prefill_wgmma, name)
+        monkeypatch.setattr(prefill_wgmma, name,
+                            lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    buf = megamoe.MegaMoEBuffer(shape.num_experts, tokens, shape.num_topk, shape.hidden, shape.intermediate,
+                                intermediate_sf=kwargs.pop("intermediate_sf", "ue8m0"))
+    l1, l2 = megamoe.transform_weights(p.l1, p.l2, l1_bias=kwargs.pop("l1_bias", None),
+                                       l2_bias=kwargs.pop("l2_bias", None))
+    megamoe.pre_dispatch(p.x, p.topk_idx, p.topk_weights, buf)
+    y = torch.full_like(p.x, float("nan"))
+    megamoe.mega_moe(y, l1, l2, buf, **kwargs)
+    torch.cuda.synchronize()
+    buf.destroy()
+    return y, calls
+
+
+def _reference(p, **kwargs):
+    return megamoe.reference.mega_moe_reference(p.x, p.topk_idx, p.topk_weights, p.l1, p.l2, **kwargs)
+
+
+@pytest.mark.parametrize("shape, tokens, experts", [(TAIL, 1024, None), (MODEL_SHAPES["v4-flash"], 1024, 16),
+                                                    (MODEL_SHAPES["gpt-oss-120b"], 1024, 16)])
+def test_prefill_kernels_match_reference_and_triton_tiles(shape, tokens, experts, monkeypatch):
+    p = make_problem(shape, tokens, device="cuda", masked_ratio=0.1, seed=tokens, num_experts=experts)
+    shape = MoEShape(shape.name, experts or shape.num_experts, shape.num_topk, shape.hidden, shape.intermediate)
+    y, calls = _run(p, shape, tokens, monkeypatch, True)
+    assert calls == ["launch_l1", "launch_l2"], "the prefill tiles did not take the Gluon kernels"
+    y_triton, calls = _run(p, shape, tokens, monkeypatch, False)
+    assert calls == []
+    ref = _reference(p)
+    err, err_triton = relative_error(y, ref), relative_error(y_triton, ref)
+    assert err <= LAYER_KERNEL_VS_REFERENCE, (err, err_triton)
+    # Both multiply on the FP8 tensor cores with FP32 promotion; neither should be much worse.
+    assert err <= 2 * err_triton + 1e-3, (err, err_triton)
+
+
+def test_bias_clamp_gpt_oss_activation_and_fp32_scales(monkeypatch):
+    shape = MoEShape("gpt-oss-16", 16, 4, 2880, 2880)
+    p = make_problem(shape, 512, device="cuda", masked_ratio=0.1, seed=3)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    b1 = torch.randn(16, 2 * 2880, device="cuda", generator=g) * 0.1
+    b2 = torch.randn(16, 2880, device="cuda", generator=g) * 0.1
+    opts = dict(activation="gpt_oss", activation_clamp=7.0)
+    for sf in ("ue8m0", "fp32"):
+        y, calls = _run(p, shape, 512, monkeypatch, True, l1_bias=b1, l2_bias=b2, intermediate_sf=sf, **opts)
+        # FP32 intermediate scales are not powers of two: L2 keeps the Triton tiles then.
+        assert calls == (["launch_l1", "launch_l2"] if sf == "ue8m0" else ["launch_l1"])
+        ref = _reference(p, l1_bias=b1, l2_bias=b2, intermediate_sf=sf, **opts)
+        assert relative_error(y, ref) <= LAYER_KERNEL_VS_REFERENCE
+
+
+def test_weight_scales_far_apart_round_like_the_rebase(monkeypatch):
+    """Groups 20 binades below their step's largest: past the fold's exact range (14), their
+    values round to e4m3 (at most 2^-10 of the step's scale) and the layer stays in contract."""
+    shape = MoEShape("spread", 8, 2, 512, 256)
+    p = make_problem(shape, 1024, device="cuda", seed=5)
+    g = torch.Generator(device="cuda").manual_seed(6)
+    for w_q, w_sf in (p.l1, p.l2):
+        far = torch.rand(w_sf.shape, device="cuda", generator=g) < 0.1
+        w_sf.copy_(torch.where(far, w_sf.int() - 20, w_sf.int()).clamp(1, 254).to(torch.uint8))
+    y, calls = _run(p, shape, 1024, monkeypatch, True)
+    assert calls == ["launch_l1", "launch_l2"]
+    assert relative_error(y, _reference(p)) <= LAYER_KERNEL_VS_REFERENCE
+
+
+def test_fold_table_is_the_e2m1_values_scaled():
+    table = prefill_wgmma.fold_table(torch.device("cuda")).cpu().view(torch.uint8).view(-1, 8)
+    values = table.view(torch.float8_e4m3fn).float()
+    magnitudes = torch.tensor((0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0))
+    for d in range(15):  # exact range
+        assert torch.equal(values[d], magnitudes * 2.0 ** (6 - d))
+    assert values[-1].abs().max() == 0
