@@ -170,7 +170,8 @@ def _real_group(e, group, k_groups):
 
 
 @gluon.jit
-def _find_tile(expert_offsets_ptr, num_experts, tile_id, BLOCK_E: gl.constexpr):
+def _find_tile(expert_offsets_ptr, num_experts, tile_id, BLOCK_E: gl.constexpr, BLOCK_T: gl.constexpr,
+               WARPS: gl.constexpr):
     """`common.find_expert_tile` (no row-count filter) with Gluon's explicit layouts:
     (expert, first row, end row) of row tile `tile_id` of BLOCK_T rows; expert = num_experts
     past the last tile."""
@@ -197,13 +198,15 @@ def _add(a, b):
 @gluon.jit
 def _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride_w_tile, ws_ptr, stride_ws_n,
           w_rows, lut_ptr, k_size, C: gl.constexpr, CP_A: gl.constexpr, CP_S: gl.constexpr, CP_W: gl.constexpr,
-          CP_WS: gl.constexpr):
+          CP_WS: gl.constexpr, WARPS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
     """acc [BLOCK_W, BLOCK_T] (layout C) = sum over K of W[w_rows] A[a_rows]^T with their
     scales, W the expert's MXFP4 weights (kernel layout, weights.py; ws_ptr its bf16 scales
     read as int32 pairs, so that cp.async moves at least 4 bytes whatever the row stride), A FP8 rows with one scale per step (a_scale_ptr: [rows, G4] fp32, the
     step's scale in each of its four entries). a_rows / row_ok: [BLOCK_T] in SliceLayout(1,
     CP_A) and in CP_S (pairs); w_rows: [BLOCK_W] in SliceLayout(1, CP_W) and SliceLayout(1,
-    CP_WS) (pairs)."""
+    CP_WS) (pairs). WARPS (one warpgroup, or two: 64 or 128 weight rows), BLOCK_T and
+    STAGES are parameters for tools/wgmma_prefill.py's variants."""
+    BLOCK_W: gl.constexpr = 16 * WARPS
     a_rows_a, a_rows_s = a_rows
     ok_a, ok_s = row_ok
     w_rows_w, w_rows_ws = w_rows
@@ -319,7 +322,7 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
     CP_W: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
     CP_WS: gl.constexpr = gl.BlockedLayout([1, 1], [16, 2], [WARPS, 1], [1, 0])
     after_predecessor(PDL)
-    expert, r0, r1 = _find_tile(expert_offsets_ptr, num_experts, gl.program_id(1), BLOCK_E)
+    expert, r0, r1 = _find_tile(expert_offsets_ptr, num_experts, gl.program_id(1), BLOCK_E, BLOCK_T, WARPS)
     if expert < num_experts:
         col0 = gl.program_id(0) * 32
         e64 = expert.to(gl.int64)
@@ -333,7 +336,7 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
         acc = _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, (src_a, src_s), (ra < r1, rs < r1),
                     w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
                     (_l1_weight_row(jw, col0, inter), _l1_weight_row(jws, col0, inter)), lut_ptr, hidden,
-                    C, CP_A, CP_S, CP_W, CP_WS)
+                    C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
         if HAS_BIAS:
             jc = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, C))
             acc += gl.load(bias_ptr + e64 * 2 * inter + _l1_weight_row(jc, col0, inter))[:, None]
@@ -388,7 +391,7 @@ def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_
     CP_W: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
     CP_WS: gl.constexpr = gl.BlockedLayout([1, 1], [16, 2], [WARPS, 1], [1, 0])
     after_predecessor(PDL)
-    expert, r0, r1 = _find_tile(expert_offsets_ptr, num_experts, gl.program_id(1), BLOCK_E)
+    expert, r0, r1 = _find_tile(expert_offsets_ptr, num_experts, gl.program_id(1), BLOCK_E, BLOCK_T, WARPS)
     if expert < num_experts:
         n0 = gl.program_id(0) * BLOCK_W
         e64 = expert.to(gl.int64)
@@ -398,7 +401,7 @@ def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_
                     w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
                     (n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)),
                      n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))), lut_ptr, inter,
-                    C, CP_A, CP_S, CP_W, CP_WS)
+                    C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
         rows = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, C))
         row_ok = rows < r1
         dst = gl.load(sorted_rows_ptr + rows, mask=row_ok, other=0).to(gl.int64)
