@@ -103,7 +103,7 @@ def supported(buf, cfg_wide: bool, *, gathered: bool, persistent: bool, remote: 
     rows (L1: 2I, L2: H)."""
     return (cfg_wide and env.wgmma() and buf.mode == "fp8xfp4" and buf.mma == "fp8" and buf.device.type == "cuda"
             and not env.triton_interpret() and not gathered and not persistent and not remote
-            and n % ROWS_W == 0 and k % 32 == 0 and _is_sm90(buf.device.index or 0))
+            and n % ROWS_W == 0 and buf.intermediate % (ROWS_W // 2) == 0 and _is_sm90(buf.device.index or 0))
 
 
 @functools.cache
@@ -311,10 +311,10 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
                inter_ptr, inter_scale_ptr, stride_is_m, hidden, inter, num_experts, num_topk, clamp,
                HAS_CLAMP: gl.constexpr, INTER_SF_FP32: gl.constexpr, HAS_BIAS: gl.constexpr, GPT_OSS: gl.constexpr,
                BLOCK_E: gl.constexpr, PDL: gl.constexpr):
-    """Program (n, t): intermediate columns 32 n .. 32 n + 31 of row tile t. Its 64 weight rows
-    interleave gate and up rows in blocks of 8 (tile row 16 b + i: gate row 8 b + i for i < 8,
-    up row 8 b + i - 8 otherwise), so that in the wgmma accumulator each thread holds a
-    column's gate and up (rows r and r + 8) and the SwiGLU needs no data movement."""
+    """Program (n, t): intermediate columns 8 WARPS n ... (8 WARPS of them) of row tile t. Its
+    16 WARPS weight rows interleave gate and up rows in blocks of 8 (tile row 16 b + i: gate row
+    8 b + i for i < 8, up row 8 b + i - 8 otherwise), so that in the wgmma accumulator each
+    thread holds a column's gate and up (rows r and r + 8) and the SwiGLU needs no data movement."""
     C: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                 instr_shape=[16, BLOCK_T, 32])
     CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
@@ -324,7 +324,10 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
     after_predecessor(PDL)
     expert, r0, r1 = _find_tile(expert_offsets_ptr, num_experts, gl.program_id(1), BLOCK_E, BLOCK_T, WARPS)
     if expert < num_experts:
-        col0 = gl.program_id(0) * 32
+        BLOCK_W: gl.constexpr = 16 * WARPS
+        COLS: gl.constexpr = BLOCK_W // 2
+        GROUPS: gl.constexpr = COLS // 32
+        col0 = gl.program_id(0) * COLS
         e64 = expert.to(gl.int64)
         ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
         rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
@@ -340,10 +343,10 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
         if HAS_BIAS:
             jc = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, C))
             acc += gl.load(bias_ptr + e64 * 2 * inter + _l1_weight_row(jc, col0, inter))[:, None]
-        # [64, T] -> [4 blocks, 2 (gate, up), 8, T] -> gate, up [32, T] (column 8 block + i).
-        gate, up = gl.split(gl.permute(gl.reshape(acc, [4, 2, 8, BLOCK_T]), (0, 2, 3, 1)))
-        gate = round_to_bf16(gl.reshape(gate, [32, BLOCK_T]))
-        up = round_to_bf16(gl.reshape(up, [32, BLOCK_T]))
+        # [W, T] -> [W / 16 blocks, 2 (gate, up), 8, T] -> gate, up [W / 2, T] (column 8 block + i).
+        gate, up = gl.split(gl.permute(gl.reshape(acc, [BLOCK_W // 16, 2, 8, BLOCK_T]), (0, 2, 3, 1)))
+        gate = round_to_bf16(gl.reshape(gate, [COLS, BLOCK_T]))
+        up = round_to_bf16(gl.reshape(up, [COLS, BLOCK_T]))
         if HAS_CLAMP:
             gate = gl.minimum(gate, clamp)
             up = gl.minimum(gl.maximum(up, -clamp), clamp)
@@ -356,19 +359,21 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
         row_ok = rows < r1
         entry = gl.load(sorted_rows_ptr + rows, mask=row_ok, other=0)
         act = act * gl.load(topk_weights_ptr + entry, mask=row_ok, other=0.0)[None, :]
-        cols = col0 + gl.arange(0, 32, layout=gl.SliceLayout(1, ACT))
+        cols = col0 + gl.arange(0, COLS, layout=gl.SliceLayout(1, ACT))
         out_ptrs = inter_ptr + rows.to(gl.int64)[None, :] * inter + cols[:, None]
         out_ok = gl.broadcast(row_ok[None, :], out_ptrs)[0]
-        grouped = gl.reshape(act, [1, 32, BLOCK_T])
+        grouped = gl.reshape(act, [GROUPS, 32, BLOCK_T])
         if INTER_SF_FP32:
             q, scale = quantize_groups_fp32(grouped)
         else:
             q, exponent = quantize_groups_ue8m0(grouped)
             scale = ue8m0_to_fp32(exponent)
-        scale = gl.reshape(scale, [BLOCK_T])
-        gl.store(inter_scale_ptr + rows.to(gl.int64) * stride_is_m + gl.program_id(0),
-                 gl.convert_layout(scale, gl.SliceLayout(0, ACT)), mask=row_ok)
-        gl.store(out_ptrs, gl.convert_layout(gl.reshape(q, [32, BLOCK_T]), ACT).to(gl.float8e4nv), mask=out_ok)
+        SF: gl.constexpr = gl.constexpr(scale.type.layout)
+        sf_rows = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, SF))
+        sf_groups = gl.program_id(0) * GROUPS + gl.arange(0, GROUPS, layout=gl.SliceLayout(1, SF))
+        sf_ptrs = inter_scale_ptr + sf_rows.to(gl.int64)[None, :] * stride_is_m + sf_groups[:, None]
+        gl.store(sf_ptrs, scale, mask=gl.broadcast((sf_rows < r1)[None, :], sf_ptrs)[0])
+        gl.store(out_ptrs, gl.convert_layout(gl.reshape(q, [COLS, BLOCK_T]), ACT).to(gl.float8e4nv), mask=out_ok)
 
 
 @gluon.jit
@@ -423,7 +428,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1,
     """`experts.launch_l1` for prefill on these kernels; `a`, `a_scales` already rebased."""
     experts = buf.num_local_experts
     placeholder = l1.w
-    _l1_kernel[_grid(num_entries, experts, buf.intermediate // 32)](
+    _l1_kernel[_grid(num_entries, experts, buf.intermediate // (ROWS_W // 2))](
         a, a.stride(0), a_scales, a_scales.stride(0), route_weights, buf.sorted_rows, buf.expert_offsets,
         l1.w, l1.w.stride(0), l1.w.stride(1), l1.w_sf.view(torch.int32), l1.w_sf.stride(0) // 2, l1.w_sf.stride(1) // 2,
         l1.bias if l1.bias is not None else placeholder, fold_table(buf.device),
