@@ -13,7 +13,7 @@ step's weight scales with plain loads, a memory latency a step on the critical p
 4096 tokens 3393 us; through the cp.async ring and with one shared-memory tile per scale group
 (no barriers between the decode's stores, run 21): 2654 us, against the Triton L1 stage's 5480.
 
-    python tools/wgmma_prefill.py [--tokens 4096,8192] [--variants 4x128x4,8x128x3]
+    python tools/wgmma_prefill.py [--tokens 4096,8192] [--variants 4x128x4,4x128x4g,8x128x3]
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from megamoe.kernels import prefill_wgmma as pw
 from megamoe.weights import ExpertWeights
 
 @gluon.jit
-def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, lut_ptr, out_ptr, tiles_ptr, num_rows, k_size,
+def _gemm_kernel(a_ptr, as_ptr, src_ptr, w_ptr, ws_ptr, lut_ptr, out_ptr, tiles_ptr, num_rows, k_size,
                  stride_w_e, stride_w_tile, stride_ws_e, stride_ws_n,
-                 WARPS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
+                 WARPS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, GATHER: gl.constexpr):
     """The layer's GEMM core (`prefill_wgmma._gemm`) on a precomputed tile table, storing the
-    accumulator as bf16 [N, rows]: program (n, t) covers weight rows 16 WARPS n ... of tile t."""
+    accumulator as bf16 [N, rows]: program (n, t) covers weight rows 16 WARPS n ... of tile t.
+    GATHER: row i of the table reads activation row src[i] (as L1 reads token rows through
+    the sorted-row index), else row i."""
     BLOCK_W: gl.constexpr = 16 * WARPS
     C: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_T, 32])
     CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
@@ -46,7 +48,11 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, lut_ptr, out_ptr, tiles_ptr, num_
     r1 = gl.load(tiles_ptr + 3 * t + 2)
     ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
     rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
-    acc = pw._gemm(a_ptr, k_size, as_ptr, 4 * gl.cdiv(k_size, 128), (ra, rs), (ra < r1, rs < r1),
+    src_a, src_s = ra, rs
+    if GATHER:
+        src_a = gl.load(src_ptr + ra, mask=ra < r1, other=0)
+        src_s = gl.load(src_ptr + rs, mask=rs < r1, other=0)
+    acc = pw._gemm(a_ptr, k_size, as_ptr, 4 * gl.cdiv(k_size, 128), (src_a, src_s), (ra < r1, rs < r1),
                    w_ptr + expert * stride_w_e, stride_w_tile, ws_ptr + expert * stride_ws_e, stride_ws_n,
                    (n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)),
                     n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))), lut_ptr, k_size,
@@ -82,6 +88,8 @@ class Problem:
         step_sc = torch.exp2(torch.randint(-12, -4, (self.rows, steps), device=device).float())
         self.a_sc = step_sc.repeat_interleave(4, dim=1).contiguous()   # [rows, G4], as rebased rows
         self.out = torch.empty(n, self.rows, dtype=torch.bfloat16, device=device)
+        # For GATHER: a random order of the activation rows.
+        self.src = torch.randperm(self.rows, generator=g).to(torch.int32).to(device)
         self.lut = pw.fold_table(device)
         self.device = device
 
@@ -93,18 +101,19 @@ class Problem:
                 t.append((e, r, min(r + bt, hi)))
         return torch.tensor(t, dtype=torch.int32, device=self.device).flatten()
 
-    def run(self, warps: int, bt: int, stages: int, tiles: torch.Tensor) -> None:
+    def run(self, warps: int, bt: int, stages: int, tiles: torch.Tensor, gather: bool = False) -> None:
         _gemm_kernel[(self.n // (16 * warps), tiles.numel() // 3)](
-            self.a8, self.a_sc, self.w, self.ws.view(torch.int32), self.lut, self.out, tiles, self.rows, self.k,
-            self.w.stride(0), self.w.stride(1), self.ws.stride(0) // 2, self.ws.stride(1) // 2,
-            WARPS=warps, BT=bt, STAGES=stages, num_warps=warps)
+            self.a8, self.a_sc, self.src, self.w, self.ws.view(torch.int32), self.lut, self.out, tiles, self.rows,
+            self.k, self.w.stride(0), self.w.stride(1), self.ws.stride(0) // 2, self.ws.stride(1) // 2,
+            WARPS=warps, BLOCK_T=bt, STAGES=stages, GATHER=gather, num_warps=warps)
 
-    def check(self, experts=(0, 1, 2, 3)) -> float:
+    def check(self, experts=(0, 1, 2, 3), gather: bool = False) -> float:
         ew = ExpertWeights("fp8xfp4", self.w, self.ws, self.experts, self.n, self.k)
         num, den = 0.0, 0.0
         for e in experts:
             lo, hi = int(self.offsets[e]), int(self.offsets[e + 1])
-            a = self.a8[lo:hi].double() * self.a_sc[lo:hi].double().repeat_interleave(32, dim=1)
+            rows = self.src[lo:hi].long() if gather else torch.arange(lo, hi, device=self.device)
+            a = self.a8[rows].double() * self.a_sc[rows].double().repeat_interleave(32, dim=1)
             ref = ew.dequantize(e).double() @ a.t()
             got = self.out[:, lo:hi].double()
             num += (got - ref).norm().item() ** 2
@@ -116,40 +125,47 @@ class Problem:
         return 2.0 * self.rows * self.n * self.k
 
 
-VARIANTS = [(4, 128, 4), (4, 128, 3), (8, 128, 3), (8, 128, 5)]
+VARIANTS = ["4x128x4", "4x128x4g", "8x128x4", "8x128x4g", "8x128x5"]
+"""WARPSxBLOCK_TxSTAGES, and a `g` suffix for GATHER."""
+
+
+def parse_variant(v: str) -> tuple:
+    gather = v.endswith("g")
+    w, bt, st = map(int, v.rstrip("g").split("x"))
+    return w, bt, st, gather
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="4096,8192")
-    p.add_argument("--variants", default=",".join(f"{w}x{b}x{s}" for w, b, s in VARIANTS),
-                   help="WARPSxBTxSTAGES,...")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="WARPSxBLOCK_TxSTAGES[g],...")
     args = p.parse_args(argv)
-    variants = [tuple(map(int, v.split("x"))) for v in args.variants.split(",")]
+    variants = args.variants.split(",")
     device = torch.device("cuda")
     from megamoe.bench.timing import time_graph
     small = Problem(8, 256, 512, 96, 6, device, spread_rows=0.05)
-    for w, bt, st in variants:
+    for v in variants:
+        w, bt, st, gather = parse_variant(v)
         small.out.zero_()
-        small.run(w, bt, st, small.tiles(bt))
-        err = small.check(range(8))
-        print(f"check {w}x{bt}x{st}: rel err against float64 {err:.2e}", flush=True)
+        small.run(w, bt, st, small.tiles(bt), gather)
+        err = small.check(range(8), gather)
+        print(f"check {v}: rel err against float64 {err:.2e}", flush=True)
     rows = []
     for tokens in map(int, args.tokens.split(",")):
         for name, n, k in (("v4-flash L1", 4096, 4096), ("v4-flash L2", 4096, 2048)):
             pr = Problem(256, n, k, tokens, 6, device)
-            for w, bt, st in variants:
+            for v in variants:
+                w, bt, st, gather = parse_variant(v)
                 tiles = pr.tiles(bt)
                 pr.out.zero_()
-                pr.run(w, bt, st, tiles)
-                err = pr.check()
-                us = time_graph([lambda: pr.run(w, bt, st, tiles)], replays=5, min_calls=3)
-                rows.append((name, tokens, f"{w}x{bt}x{st}", us, pr.flops / us / 1e6, err))
-                print(f"{name} {tokens} {w}x{bt}x{st}: {us:.1f} us, {pr.flops / us / 1e6:.0f} TFLOP/s, "
-                      f"err {err:.2e}", flush=True)
+                pr.run(w, bt, st, tiles, gather)
+                err = pr.check(gather=gather)
+                us = time_graph([lambda: pr.run(w, bt, st, tiles, gather)], replays=5, min_calls=3)
+                rows.append((name, tokens, v, us, pr.flops / us / 1e6, err))
+                print(f"{name} {tokens} {v}: {us:.1f} us, {pr.flops / us / 1e6:.0f} TFLOP/s, err {err:.2e}", flush=True)
             del pr
             torch.cuda.empty_cache()
-    print("\n| GEMM | tokens | warps x tokens x stages | us | TFLOP/s | rel err |")
+    print("\n| GEMM | tokens | warps x tokens x stages (g: gathered rows) | us | TFLOP/s | rel err |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.0f} | {r[5]:.1e} |")

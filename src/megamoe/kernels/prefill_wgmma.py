@@ -48,8 +48,9 @@ from ..formats import E2M1_VALUES
 from .common import after_predecessor, quantize_groups_fp32, quantize_groups_ue8m0, round_to_bf16, ue8m0_to_fp32
 
 NUM_WARPS = 4
-ROWS_W = 16 * NUM_WARPS
-"""Weight rows a program: one warpgroup, the wgmma's M side (L1: 32 gate and 32 up rows)."""
+"""Warps a program: 16 NUM_WARPS weight rows, the wgmma's M side (one warpgroup: 64 rows, L1's
+32 gate and 32 up rows). The launchers read NUM_WARPS, ROWS_T and NUM_STAGES when they launch,
+so an A/B script may set them (tools/wgmma_prefill.py times the core alone)."""
 ROWS_T = 128
 """Tokens a program, the wgmma's N side: at prefill an expert has about 100-200 rows, so most
 experts' weights are decoded once or twice (64 tokens: 30% slower, tools/wgmma_prefill.py)."""
@@ -57,10 +58,6 @@ NUM_STAGES = 4
 TABLE_ROWS = 24
 """Fold tables: row d for a group d binades below its step's largest (clamped: from 19 on every
 entry rounds to zero)."""
-WARPS = gl.constexpr(NUM_WARPS)
-BLOCK_W = gl.constexpr(ROWS_W)
-BLOCK_T = gl.constexpr(ROWS_T)
-STAGES = gl.constexpr(NUM_STAGES)
 LUT_ROWS = gl.constexpr(TABLE_ROWS)
 
 FOLD_PTX = gl.constexpr("""{
@@ -98,12 +95,12 @@ def fold_table(device: torch.device) -> torch.Tensor:
     return values.to(torch.float8_e4m3fn).view(torch.uint8).contiguous().view(torch.int32).to(device)
 
 
-def supported(buf, cfg_wide: bool, *, gathered: bool, persistent: bool, remote: bool, k: int, n: int) -> bool:
-    """Whether a GEMM of `buf` runs these kernels (module docstring); k, n: its weights' K and
-    rows (L1: 2I, L2: H)."""
-    return (cfg_wide and env.wgmma() and buf.mode == "fp8xfp4" and buf.mma == "fp8" and buf.device.type == "cuda"
+def supported(buf, *, gathered: bool, persistent: bool, remote: bool) -> bool:
+    """Whether a prefill GEMM of `buf` (wide tiles on rebased rows) runs these kernels (module
+    docstring). Any H and I (multiples of 32): the last program's rows past them are masked."""
+    return (env.wgmma() and buf.mode == "fp8xfp4" and buf.mma == "fp8" and buf.device.type == "cuda"
             and not env.triton_interpret() and not gathered and not persistent and not remote
-            and n % ROWS_W == 0 and buf.intermediate % (ROWS_W // 2) == 0 and _is_sm90(buf.device.index or 0))
+            and _is_sm90(buf.device.index or 0))
 
 
 @functools.cache
@@ -310,7 +307,8 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
                w_ptr, stride_w_e, stride_w_tile, ws_ptr, stride_ws_e, stride_ws_n, bias_ptr, lut_ptr,
                inter_ptr, inter_scale_ptr, stride_is_m, hidden, inter, num_experts, num_topk, clamp,
                HAS_CLAMP: gl.constexpr, INTER_SF_FP32: gl.constexpr, HAS_BIAS: gl.constexpr, GPT_OSS: gl.constexpr,
-               BLOCK_E: gl.constexpr, PDL: gl.constexpr):
+               BLOCK_E: gl.constexpr, PDL: gl.constexpr, WARPS: gl.constexpr, BLOCK_T: gl.constexpr,
+               STAGES: gl.constexpr):
     """Program (n, t): intermediate columns 8 WARPS n ... (8 WARPS of them) of row tile t. Its
     16 WARPS weight rows interleave gate and up rows in blocks of 8 (tile row 16 b + i: gate row
     8 b + i for i < 8, up row 8 b + i - 8 otherwise), so that in the wgmma accumulator each
@@ -361,7 +359,7 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
         act = act * gl.load(topk_weights_ptr + entry, mask=row_ok, other=0.0)[None, :]
         cols = col0 + gl.arange(0, COLS, layout=gl.SliceLayout(1, ACT))
         out_ptrs = inter_ptr + rows.to(gl.int64)[None, :] * inter + cols[:, None]
-        out_ok = gl.broadcast(row_ok[None, :], out_ptrs)[0]
+        out_ok = row_ok[None, :] & (cols < inter)[:, None]
         grouped = gl.reshape(act, [GROUPS, 32, BLOCK_T])
         if INTER_SF_FP32:
             q, scale = quantize_groups_fp32(grouped)
@@ -372,23 +370,26 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
         sf_rows = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, SF))
         sf_groups = gl.program_id(0) * GROUPS + gl.arange(0, GROUPS, layout=gl.SliceLayout(1, SF))
         sf_ptrs = inter_scale_ptr + sf_rows.to(gl.int64)[None, :] * stride_is_m + sf_groups[:, None]
-        gl.store(sf_ptrs, scale, mask=gl.broadcast((sf_rows < r1)[None, :], sf_ptrs)[0])
+        gl.store(sf_ptrs, scale, mask=(sf_rows < r1)[None, :] & (sf_groups < inter // 32)[:, None])
         gl.store(out_ptrs, gl.convert_layout(gl.reshape(q, [COLS, BLOCK_T]), ACT).to(gl.float8e4nv), mask=out_ok)
 
 
 @gluon.jit
 def _l1_weight_row(j, col0, inter):
-    """L1 weight row of tile row j (see `_l1_kernel`)."""
+    """L1 weight row of tile row j (see `_l1_kernel`); columns past I (when the program's
+    columns run past it) read column I - 1, and their results are not stored."""
     within = j % 16
-    return col0 + (j // 16) * 8 + within % 8 + (within // 8) * inter
+    return gl.minimum(col0 + (j // 16) * 8 + within % 8, inter - 1) + (within // 8) * inter
 
 
 @gluon.jit
 def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_offsets_ptr, topk_weights_ptr,
                w_ptr, stride_w_e, stride_w_tile, ws_ptr, stride_ws_e, stride_ws_n, bias_ptr, lut_ptr, out_ptr,
-               hidden, inter, num_experts, HAS_BIAS: gl.constexpr, BLOCK_E: gl.constexpr, PDL: gl.constexpr):
-    """Program (n, t): hidden columns 64 n .. 64 n + 63 of row tile t; row i of the sorted
-    intermediate rows goes to combine row sorted_rows[i] (as `l2._l2_tile`)."""
+               hidden, inter, num_experts, HAS_BIAS: gl.constexpr, BLOCK_E: gl.constexpr, PDL: gl.constexpr,
+               WARPS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
+    """Program (n, t): hidden columns 16 WARPS n ... (16 WARPS of them) of row tile t; row i of
+    the sorted intermediate rows goes to combine row sorted_rows[i] (as `l2._l2_tile`)."""
+    BLOCK_W: gl.constexpr = 16 * WARPS
     C: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                 instr_shape=[16, BLOCK_T, 32])
     CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
@@ -402,10 +403,12 @@ def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_
         e64 = expert.to(gl.int64)
         ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
         rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
+        # Weight rows past H (the last program's, when H is not a multiple of BLOCK_W) read row
+        # H - 1; their results are not stored.
         acc = _gemm(inter_ptr, inter, inter_scale_ptr, stride_is_m, (ra, rs), (ra < r1, rs < r1),
                     w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
-                    (n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)),
-                     n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))), lut_ptr, inter,
+                    (gl.minimum(n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)), hidden - 1),
+                     gl.minimum(n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS)), hidden - 1)), lut_ptr, inter,
                     C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
         rows = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, C))
         row_ok = rows < r1
@@ -414,37 +417,40 @@ def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_
         if HAS_BIAS:
             # The routing weight was folded into L2's input, so the bias gets it here.
             route_w = gl.load(topk_weights_ptr + dst, mask=row_ok, other=0.0)
-            acc += gl.load(bias_ptr + e64 * hidden + cols)[:, None] * route_w[None, :]
+            acc += gl.load(bias_ptr + e64 * hidden + gl.minimum(cols, hidden - 1))[:, None] * route_w[None, :]
         out_ptrs = out_ptr + dst[None, :] * hidden + cols[:, None]
-        gl.store(out_ptrs, round_to_bf16(acc).to(gl.bfloat16), mask=gl.broadcast(row_ok[None, :], out_ptrs)[0])
+        gl.store(out_ptrs, round_to_bf16(acc).to(gl.bfloat16), mask=row_ok[None, :] & (cols < hidden)[:, None])
 
 
-def _grid(num_entries: int, num_experts: int, col_tiles: int) -> tuple:
-    # Each expert's last tile may be partial: at most one more tile an expert with rows.
-    return (col_tiles, triton.cdiv(num_entries, ROWS_T) + min(num_experts, num_entries))
+def _grid(num_entries: int, num_experts: int, columns: int, per_program: int) -> tuple:
+    # Each expert's last row tile may be partial: at most one more tile an expert with rows.
+    return (triton.cdiv(columns, per_program), triton.cdiv(num_entries, ROWS_T) + min(num_experts, num_entries))
+
+
+def _shape_args(experts: int) -> dict:
+    return dict(BLOCK_E=triton.next_power_of_2(max(experts, 32 * NUM_WARPS)), WARPS=NUM_WARPS, BLOCK_T=ROWS_T,
+                STAGES=NUM_STAGES, num_warps=NUM_WARPS)
 
 
 def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts, pdl: dict) -> None:
     """`experts.launch_l1` for prefill on these kernels; `a`, `a_scales` already rebased."""
     experts = buf.num_local_experts
     placeholder = l1.w
-    _l1_kernel[_grid(num_entries, experts, buf.intermediate // (ROWS_W // 2))](
+    _l1_kernel[_grid(num_entries, experts, buf.intermediate, 8 * NUM_WARPS)](
         a, a.stride(0), a_scales, a_scales.stride(0), route_weights, buf.sorted_rows, buf.expert_offsets,
         l1.w, l1.w.stride(0), l1.w.stride(1), l1.w_sf.view(torch.int32), l1.w_sf.stride(0) // 2, l1.w_sf.stride(1) // 2,
         l1.bias if l1.bias is not None else placeholder, fold_table(buf.device),
         buf.inter, buf.inter_scales, buf.inter_scales.stride(0), buf.hidden, buf.intermediate, experts,
         entries_per_row, float(opts.activation_clamp) if opts.activation_clamp is not None else 0.0,
         HAS_CLAMP=opts.activation_clamp is not None, INTER_SF_FP32=buf.intermediate_sf == "fp32",
-        HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss",
-        BLOCK_E=triton.next_power_of_2(max(experts, 32 * NUM_WARPS)), num_warps=NUM_WARPS, **pdl)
+        HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", **_shape_args(experts), **pdl)
 
 
 def launch_l2(buf, num_entries, route_weights, out, l2, pdl: dict) -> None:
     """`experts.launch_l2` for prefill on these kernels; buf.inter already rebased."""
     experts = buf.num_local_experts
-    _l2_kernel[_grid(num_entries, experts, buf.hidden // ROWS_W)](
+    _l2_kernel[_grid(num_entries, experts, buf.hidden, 16 * NUM_WARPS)](
         buf.inter, buf.inter_scales, buf.inter_scales.stride(0), buf.sorted_rows, buf.expert_offsets, route_weights,
         l2.w, l2.w.stride(0), l2.w.stride(1), l2.w_sf.view(torch.int32), l2.w_sf.stride(0) // 2, l2.w_sf.stride(1) // 2,
         l2.bias if l2.bias is not None else l2.w, fold_table(buf.device), out, buf.hidden, buf.intermediate,
-        experts, HAS_BIAS=l2.bias is not None, BLOCK_E=triton.next_power_of_2(max(experts, 32 * NUM_WARPS)),
-        num_warps=NUM_WARPS, **pdl)
+        experts, HAS_BIAS=l2.bias is not None, **_shape_args(experts), **pdl)
