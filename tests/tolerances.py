@@ -10,8 +10,10 @@ In the Triton interpreter the result is exact up to FP32 accumulation order (mea
 test shapes). On Hopper, FP8 tensor-core MMAs sum each 32-product group with truncated partial
 sums (about 14 bits), so L1's output sits ~1e-5 away from the float64 value and now and then
 lands on the other side of a BF16 or FP8 rounding step, each such element off by one step
-(0.4% or 6%): measured 2-3e-3 on an H200 at v4-flash and gpt-oss shapes. Half the contract:
-a wrong scale, a lost rounding step or a skipped row is >= 1e-2."""
+(0.4% or 6%): measured 2-3e-3 on an H200 at v4-flash and gpt-oss shapes. The Gluon prefill
+kernels (kernels/prefill_wgmma.py) chain a step's four k32 MMAs before promoting, so the
+truncated sums run over 128 products: 3.7e-3 at 4096 and 8192 tokens (H200, 2026-12-02). Near
+the contract's half: a wrong scale, a lost rounding step or a skipped row is >= 1e-2."""
 
 LAYER_EXACT_PRODUCTS = 1e-3
 """MegaMoEBuffer(mma="fp16") against the reference on a GPU: exact products and FP32 sums, so
