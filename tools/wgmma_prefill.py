@@ -139,9 +139,18 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="4096,8192")
     p.add_argument("--variants", default=",".join(VARIANTS), help="WARPSxBLOCK_TxSTAGES[g],...")
+    p.add_argument("--once", action="store_true",
+                   help="one launch of the first variant on v4-flash's L1 at the first token count, "
+                        "nothing else (for a profiler: ncu -k regex:_gemm_kernel -c 1)")
     args = p.parse_args(argv)
     variants = args.variants.split(",")
     device = torch.device("cuda")
+    if args.once:
+        w, bt, st, gather = parse_variant(variants[0])
+        pr = Problem(256, 4096, 4096, int(args.tokens.split(",")[0]), 6, device)
+        pr.run(w, bt, st, pr.tiles(bt), gather)
+        torch.cuda.synchronize()
+        return
     from megamoe.bench.timing import time_graph
     small = Problem(8, 256, 512, 96, 6, device, spread_rows=0.05)
     for v in variants:
