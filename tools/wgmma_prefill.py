@@ -30,11 +30,13 @@ from megamoe.weights import ExpertWeights
 @gluon.jit
 def _gemm_kernel(a_ptr, as_ptr, src_ptr, w_ptr, ws_ptr, lut_ptr, out_ptr, tiles_ptr, num_rows, k_size,
                  stride_w_e, stride_w_tile, stride_ws_e, stride_ws_n,
-                 WARPS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, GATHER: gl.constexpr):
+                 WARPS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, GATHER: gl.constexpr,
+                 WS: gl.constexpr):
     """The layer's GEMM core (`prefill_wgmma._gemm`) on a precomputed tile table, storing the
     accumulator as bf16 [N, rows]: program (n, t) covers weight rows 16 WARPS n ... of tile t.
     GATHER: row i of the table reads activation row src[i] (as L1 reads token rows through
-    the sorted-row index), else row i."""
+    the sorted-row index), else row i. WS: the warp-specialized core (`prefill_wgmma._gemm_ws`,
+    four more warps)."""
     BLOCK_W: gl.constexpr = 16 * WARPS
     C: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_T, 32])
     CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
@@ -46,17 +48,22 @@ def _gemm_kernel(a_ptr, as_ptr, src_ptr, w_ptr, ws_ptr, lut_ptr, out_ptr, tiles_
     expert = gl.load(tiles_ptr + 3 * t).to(gl.int64)
     r0 = gl.load(tiles_ptr + 3 * t + 1)
     r1 = gl.load(tiles_ptr + 3 * t + 2)
-    ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
-    rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
-    src_a, src_s = ra, rs
-    if GATHER:
-        src_a = gl.load(src_ptr + ra, mask=ra < r1, other=0)
-        src_s = gl.load(src_ptr + rs, mask=rs < r1, other=0)
-    acc = pw._gemm(a_ptr, k_size, as_ptr, 4 * gl.cdiv(k_size, 128), (src_a, src_s), (ra < r1, rs < r1),
-                   w_ptr + expert * stride_w_e, stride_w_tile, ws_ptr + expert * stride_ws_e, stride_ws_n,
-                   (n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)),
-                    n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))), lut_ptr, k_size,
-                   C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
+    if WS:
+        acc = pw._gemm_ws(a_ptr, k_size, as_ptr, 4 * gl.cdiv(k_size, 128), src_ptr, 1, r0, r1,
+                          w_ptr + expert * stride_w_e, stride_w_tile, ws_ptr + expert * stride_ws_e, stride_ws_n,
+                          n0, gl.num_programs(0) * BLOCK_W, lut_ptr, k_size, C, GATHER, False, BLOCK_T, STAGES)
+    else:
+        ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
+        rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
+        src_a, src_s = ra, rs
+        if GATHER:
+            src_a = gl.load(src_ptr + ra, mask=ra < r1, other=0)
+            src_s = gl.load(src_ptr + rs, mask=rs < r1, other=0)
+        acc = pw._gemm(a_ptr, k_size, as_ptr, 4 * gl.cdiv(k_size, 128), (src_a, src_s), (ra < r1, rs < r1),
+                       w_ptr + expert * stride_w_e, stride_w_tile, ws_ptr + expert * stride_ws_e, stride_ws_n,
+                       (n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)),
+                        n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))), lut_ptr, k_size,
+                       C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
     tok = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, C))
     nc = n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, C))
     out = out_ptr + nc.to(gl.int64)[:, None] * num_rows + tok[None, :]
@@ -101,11 +108,13 @@ class Problem:
                 t.append((e, r, min(r + bt, hi)))
         return torch.tensor(t, dtype=torch.int32, device=self.device).flatten()
 
-    def run(self, warps: int, bt: int, stages: int, tiles: torch.Tensor, gather: bool = False) -> None:
+    def run(self, warps: int, bt: int, stages: int, tiles: torch.Tensor, gather: bool = False,
+            ws: bool = False) -> None:
+        extra = dict(maxnreg=WS_MAXNREG) if ws else {}
         _gemm_kernel[(self.n // (16 * warps), tiles.numel() // 3)](
             self.a8, self.a_sc, self.src, self.w, self.ws.view(torch.int32), self.lut, self.out, tiles, self.rows,
             self.k, self.w.stride(0), self.w.stride(1), self.ws.stride(0) // 2, self.ws.stride(1) // 2,
-            WARPS=warps, BLOCK_T=bt, STAGES=stages, GATHER=gather, num_warps=warps)
+            WARPS=warps, BLOCK_T=bt, STAGES=stages, GATHER=gather, WS=ws, num_warps=warps, **extra)
 
     def check(self, experts=(0, 1, 2, 3), gather: bool = False) -> float:
         ew = ExpertWeights("fp8xfp4", self.w, self.ws, self.experts, self.n, self.k)
@@ -125,14 +134,16 @@ class Problem:
         return 2.0 * self.rows * self.n * self.k
 
 
-VARIANTS = ["4x128x4", "4x128x4g", "8x128x4", "8x128x4g", "8x128x5"]
-"""WARPSxBLOCK_TxSTAGES, and a `g` suffix for GATHER."""
+VARIANTS = ["4x128x4", "4x128x4g", "4x128x4w", "4x128x4gw", "4x128x5w"]
+"""WARPSxBLOCK_TxSTAGES, then `g` for GATHER and `w` for WS (4 warps only)."""
+WS_MAXNREG = 128
+"""Registers a thread for the warp-specialized variants: 8 warps a program, two programs an SM."""
 
 
 def parse_variant(v: str) -> tuple:
-    gather = v.endswith("g")
-    w, bt, st = map(int, v.rstrip("g").split("x"))
-    return w, bt, st, gather
+    flags = v[len(v.rstrip("gw")):]
+    w, bt, st = map(int, v.rstrip("gw").split("x"))
+    return w, bt, st, "g" in flags, "w" in flags
 
 
 def main(argv=None) -> None:
@@ -146,17 +157,17 @@ def main(argv=None) -> None:
     variants = args.variants.split(",")
     device = torch.device("cuda")
     if args.once:
-        w, bt, st, gather = parse_variant(variants[0])
+        w, bt, st, gather, ws = parse_variant(variants[0])
         pr = Problem(256, 4096, 4096, int(args.tokens.split(",")[0]), 6, device)
-        pr.run(w, bt, st, pr.tiles(bt), gather)
+        pr.run(w, bt, st, pr.tiles(bt), gather, ws)
         torch.cuda.synchronize()
         return
     from megamoe.bench.timing import time_graph
     small = Problem(8, 256, 512, 96, 6, device, spread_rows=0.05)
     for v in variants:
-        w, bt, st, gather = parse_variant(v)
+        w, bt, st, gather, ws = parse_variant(v)
         small.out.zero_()
-        small.run(w, bt, st, small.tiles(bt), gather)
+        small.run(w, bt, st, small.tiles(bt), gather, ws)
         err = small.check(range(8), gather)
         print(f"check {v}: rel err against float64 {err:.2e}", flush=True)
     rows = []
@@ -164,12 +175,12 @@ def main(argv=None) -> None:
         for name, n, k in (("v4-flash L1", 4096, 4096), ("v4-flash L2", 4096, 2048)):
             pr = Problem(256, n, k, tokens, 6, device)
             for v in variants:
-                w, bt, st, gather = parse_variant(v)
+                w, bt, st, gather, ws = parse_variant(v)
                 tiles = pr.tiles(bt)
                 pr.out.zero_()
-                pr.run(w, bt, st, tiles, gather)
+                pr.run(w, bt, st, tiles, gather, ws)
                 err = pr.check(gather=gather)
-                us = time_graph([lambda: pr.run(w, bt, st, tiles, gather)], replays=5, min_calls=3)
+                us = time_graph([lambda: pr.run(w, bt, st, tiles, gather, ws)], replays=5, min_calls=3)
                 rows.append((name, tokens, v, us, pr.flops / us / 1e6, err))
                 print(f"{name} {tokens} {v}: {us:.1f} us, {pr.flops / us / 1e6:.0f} TFLOP/s, err {err:.2e}", flush=True)
             del pr

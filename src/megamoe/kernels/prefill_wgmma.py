@@ -40,7 +40,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
+from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
 from .. import env
@@ -288,6 +288,158 @@ def _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride
         top = ntop
     async_copy.wait_group(0)
     return acc
+
+
+@gluon.jit
+def _gemm_ws(a_ptr, stride_a, a_scale_ptr, stride_as, rows_ptr, row_div, r0, r1, w_ptr, stride_w_tile, ws_ptr,
+             stride_ws_n, w_first, w_limit, lut_ptr, k_size, C: gl.constexpr, GATHER: gl.constexpr,
+             L1_ROWS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
+    """`_gemm` with its work split between two warpgroups (warp specialization): this program's
+    warps (one warpgroup) issue each step's MMAs and promote; four more warps copy the steps
+    into the rings and decode the weights, synchronised through mbarriers, so that a step's
+    decode no longer sits between the MMAs of one step and the next. Activation rows: r0 ...
+    r1 - 1, or (GATHER) rows_ptr[i] // row_div. Weight rows: L1_ROWS: `_l1_weight_row` of
+    columns from w_first (w_limit = I), else w_first + j clamped below w_limit (= N)."""
+    BLOCK_W: gl.constexpr = 64
+    FP8_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    GROUP_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
+    PLAIN_2D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    PLAIN_1D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+    a_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_T, 128], FP8_SMEM)
+    s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_T], PLAIN_1D)
+    w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_W, 64], PLAIN_2D)
+    ws_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_W, 2], PLAIN_2D)
+    dec0 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
+    dec1 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
+    dec2 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
+    dec3 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
+    tops = gl.allocate_shared_memory(gl.int32, [2, BLOCK_W], PLAIN_1D)
+    # decoded[b]: step k's decoded tiles (buffer b = k % 2), its top exponents and its ring
+    # slot's activations and scales are in shared memory. mma_done[s]: the MMAs of the step in
+    # ring slot s completed (its slot and its decode buffer may be rewritten).
+    decoded = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mma_done = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(2):
+        mbarrier.init(decoded.index(b), count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(mma_done.index(s), count=1)
+    rings = (a_ring, s_ring, w_ring, ws_ring, dec0, dec1, dec2, dec3, tops)
+    bars = (decoded, mma_done)
+    steps = gl.cdiv(k_size, 128)
+    (acc,) = gl.warp_specialize([
+        (_ws_mma, (rings, bars, s_ring, steps, C, BLOCK_T, STAGES)),
+        (_ws_decode, (rings, bars, a_ptr, stride_a, a_scale_ptr, stride_as, rows_ptr, row_div, r0, r1, w_ptr,
+                      stride_w_tile, ws_ptr, stride_ws_n, w_first, w_limit, lut_ptr, k_size, GATHER, L1_ROWS,
+                      BLOCK_T, STAGES)),
+    ], [4], [WS_DECODE_REGS])
+    return acc
+
+
+WS_DECODE_REGS = gl.constexpr(96)
+"""Registers a thread of the decode warps (setmaxnreg); the MMA warps get the rest of the
+kernel's maxnreg budget."""
+
+
+@gluon.jit
+def _ws_mma(rings, bars, s_ring_unused, steps, C: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
+    a_ring, s_ring, w_ring, ws_ring, dec0, dec1, dec2, dec3, tops = rings
+    decoded, mma_done = bars
+    ROWS_C: gl.constexpr = gl.SliceLayout(1, C)
+    COLS_C: gl.constexpr = gl.SliceLayout(0, C)
+    acc = gl.zeros([64, BLOCK_T], gl.float32, C)
+    for step in range(steps):
+        slot = step % STAGES
+        cur = step % 2
+        mbarrier.wait(decoded.index(cur), (step // 2) & 1)
+        b = a_ring.index(slot)
+        part = warpgroup_mma(dec0.index(cur), b.slice(0, 32, dim=1).permute((1, 0)), acc, use_acc=False,
+                             is_async=True)
+        part = warpgroup_mma(dec1.index(cur), b.slice(32, 32, dim=1).permute((1, 0)), part, is_async=True)
+        part = warpgroup_mma(dec2.index(cur), b.slice(64, 32, dim=1).permute((1, 0)), part, is_async=True)
+        part = warpgroup_mma(dec3.index(cur), b.slice(96, 32, dim=1).permute((1, 0)), part, is_async=True)
+        top = tops.index(cur).load(ROWS_C)
+        sa = s_ring.index(slot).load(COLS_C)
+        part = warpgroup_mma_wait(0, deps=[part])
+        mbarrier.arrive(mma_done.index(slot), count=1)
+        sw = ((gl.maximum(top, 7) - 6) << 23).to(gl.float32, bitcast=True)
+        acc += part * (sw[:, None] * sa[None, :])
+    return (acc,)
+
+
+@gluon.jit
+def _ws_decode(rings, bars, a_ptr, stride_a, a_scale_ptr, stride_as, rows_ptr, row_div, r0, r1, w_ptr,
+               stride_w_tile, ws_ptr, stride_ws_n, w_first, w_limit, lut_ptr, k_size, GATHER: gl.constexpr,
+               L1_ROWS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
+    a_ring, s_ring, w_ring, ws_ring, dec0, dec1, dec2, dec3, tops = rings
+    decoded, mma_done = bars
+    BLOCK_W: gl.constexpr = 64
+    CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+    CP_S: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    CP_W: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
+    CP_WS: gl.constexpr = gl.BlockedLayout([1, 1], [16, 2], [4, 1], [1, 0])
+    RAW: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [4, 1], [1, 0])
+    TOP: gl.constexpr = gl.SliceLayout(1, RAW)
+    PLAIN_2D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    GROUP_WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=32, rank=2)
+    steps = gl.cdiv(k_size, 128)
+    k_groups = k_size // 32
+    ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
+    rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
+    ok_a = ra < r1
+    ok_s = rs < r1
+    if GATHER:
+        src_a = gl.load(rows_ptr + ra, mask=ok_a, other=0) // row_div
+        src_s = gl.load(rows_ptr + rs, mask=ok_s, other=0) // row_div
+    else:
+        src_a = ra
+        src_s = rs
+    jw = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W))
+    jws = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))
+    if L1_ROWS:
+        w_rows_w = _l1_weight_row(jw, w_first, w_limit)
+        w_rows_ws = _l1_weight_row(jws, w_first, w_limit)
+    else:
+        w_rows_w = gl.minimum(w_first + jw, w_limit - 1)
+        w_rows_ws = gl.minimum(w_first + jws, w_limit - 1)
+    ak = gl.arange(0, 128, layout=gl.SliceLayout(0, CP_A))
+    a_src = a_ptr + src_a.to(gl.int64)[:, None] * stride_a + ak[None, :]
+    a_ok, _ = gl.broadcast(ok_a[:, None], a_src)
+    s_src = a_scale_ptr + src_s.to(gl.int64) * stride_as
+    wb = gl.arange(0, 64, layout=gl.SliceLayout(0, CP_W))
+    w_src = w_ptr + (w_rows_w // 32).to(gl.int64)[:, None] * stride_w_tile + (w_rows_w % 32)[:, None] * 64 + wb[None, :]
+    w_all = gl.full(w_src.shape, 1, gl.int1, CP_W)
+    wq = gl.arange(0, 2, layout=gl.SliceLayout(0, CP_WS))
+    ws_src = ws_ptr + w_rows_ws[:, None] * stride_ws_n + wq[None, :]
+    ws_all = gl.full(ws_src.shape, 1, gl.int1, CP_WS)
+    for s in gl.static_range(STAGES):
+        _copy_step(a_ring.index(s), s_ring.index(s), w_ring.index(s), ws_ring.index(s), a_src, a_ok, ak, s_src,
+                   ok_s, w_src, w_all, ws_src, ws_all, s, k_size, s < steps)
+    for step in range(steps):
+        if step >= 2:
+            # Step - 2's MMAs are done: its decode buffer (this step's) and its ring slot are
+            # free; the slot takes step - 2 + STAGES.
+            old = step - 2
+            mbarrier.wait(mma_done.index(old % STAGES), (old // STAGES) & 1)
+            nxt = old + STAGES
+            fill = old % STAGES
+            _copy_step(a_ring.index(fill), s_ring.index(fill), w_ring.index(fill), ws_ring.index(fill), a_src, a_ok,
+                       ak, s_src, ok_s, w_src, w_all, ws_src, ws_all, nxt, k_size, nxt < steps)
+        # Groups committed: STAGES + max(0, step - 1); this step's is number step.
+        async_copy.wait_group(STAGES - 2)
+        gl.thread_barrier()
+        slot = step % STAGES
+        cur = step % 2
+        top = _decode_step(w_ring.index(slot)._reinterpret(gl.int32, [BLOCK_W, 16], PLAIN_2D),
+                           dec0.index(cur)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
+                           dec1.index(cur)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
+                           dec2.index(cur)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
+                           dec3.index(cur)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS), ws_ring.index(slot),
+                           lut_ptr, step, k_groups, RAW)
+        tops.index(cur).store(gl.convert_layout(top, TOP))
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(decoded.index(cur), count=1)
+    async_copy.wait_group(0)
 
 
 @gluon.jit
