@@ -44,13 +44,17 @@ def _reference(p, **kwargs):
     return megamoe.reference.mega_moe_reference(p.x, p.topk_idx, p.topk_weights, p.l1, p.l2, **kwargs)
 
 
-@pytest.mark.parametrize("shape, tokens, experts, warps", [
-    (TAIL, 1024, None, 4), (TAIL, 1024, None, 8), (MODEL_SHAPES["v4-flash"], 1024, 16, prefill_wgmma.NUM_WARPS),
-    (MODEL_SHAPES["gpt-oss-120b"], 1024, 16, 4), (MODEL_SHAPES["gpt-oss-120b"], 1024, 16, 8)])
-def test_prefill_kernels_match_reference_and_triton_tiles(shape, tokens, experts, warps, monkeypatch):
+@pytest.mark.parametrize("shape, tokens, experts, warps, ws", [
+    (TAIL, 1024, None, 4, False), (TAIL, 1024, None, 8, False), (TAIL, 1024, None, 4, True),
+    (MODEL_SHAPES["v4-flash"], 1024, 16, 4, False), (MODEL_SHAPES["v4-flash"], 1024, 16, 4, True),
+    (MODEL_SHAPES["gpt-oss-120b"], 1024, 16, 4, False), (MODEL_SHAPES["gpt-oss-120b"], 1024, 16, 8, False),
+    (MODEL_SHAPES["gpt-oss-120b"], 1024, 16, 4, True)])
+def test_prefill_kernels_match_reference_and_triton_tiles(shape, tokens, experts, warps, ws, monkeypatch):
     """With 8 warps (128 weight rows, 64 intermediate columns a program) TAIL's H = 320 and
-    I = 160 and gpt-oss's H = 2880 leave the last program's rows partly past the end (masked)."""
+    I = 160 and gpt-oss's H = 2880 leave the last program's rows partly past the end (masked).
+    ws: the warp-specialized GEMM core (`prefill_wgmma._gemm_ws`)."""
     monkeypatch.setattr(prefill_wgmma, "NUM_WARPS", warps)
+    monkeypatch.setattr(prefill_wgmma, "WARP_SPECIALIZED", ws)
     p = make_problem(shape, tokens, device="cuda", masked_ratio=0.1, seed=tokens, num_experts=experts)
     shape = MoEShape(shape.name, experts or shape.num_experts, shape.num_topk, shape.hidden, shape.intermediate)
     y, calls = _run(p, shape, tokens, monkeypatch, True)
@@ -102,10 +106,12 @@ def test_fold_table_is_the_e2m1_values_scaled():
     assert values[-1].abs().max() == 0
 
 
-def test_prefill_kernels_capture_in_a_cuda_graph(monkeypatch):
+@pytest.mark.parametrize("ws", [False, True])
+def test_prefill_kernels_capture_in_a_cuda_graph(ws, monkeypatch):
     """No host sync inside: a whole prefill call captures, and its replays equal the eager call
     bit for bit."""
     monkeypatch.setenv("MEGAMOE_WGMMA", "1")
+    monkeypatch.setattr(prefill_wgmma, "WARP_SPECIALIZED", ws)
     shape, tokens = TAIL, 1024
     p = make_problem(shape, tokens, device="cuda", seed=7)
     buf = megamoe.MegaMoEBuffer(shape.num_experts, tokens, shape.num_topk, shape.hidden, shape.intermediate)

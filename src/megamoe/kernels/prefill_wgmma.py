@@ -55,6 +55,11 @@ ROWS_T = 128
 """Tokens a program, the wgmma's N side: at prefill an expert has about 100-200 rows, so most
 experts' weights are decoded once or twice (64 tokens: 30% slower, tools/wgmma_prefill.py)."""
 NUM_STAGES = 4
+WARP_SPECIALIZED = False
+"""Run `_gemm_ws` (one MMA warpgroup, four copy/decode warps; NUM_WARPS must be 4) instead of
+`_gemm`."""
+WS_MAXNREG = 128
+"""Registers a thread of a warp-specialized program (8 warps): two programs an SM."""
 TABLE_ROWS = 24
 """Fold tables: row d for a group d binades below its step's largest (clamped: from 19 on every
 entry rounds to zero)."""
@@ -460,7 +465,7 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
                inter_ptr, inter_scale_ptr, stride_is_m, hidden, inter, num_experts, num_topk, clamp,
                HAS_CLAMP: gl.constexpr, INTER_SF_FP32: gl.constexpr, HAS_BIAS: gl.constexpr, GPT_OSS: gl.constexpr,
                BLOCK_E: gl.constexpr, PDL: gl.constexpr, WARPS: gl.constexpr, BLOCK_T: gl.constexpr,
-               STAGES: gl.constexpr):
+               STAGES: gl.constexpr, WS: gl.constexpr):
     """Program (n, t): intermediate columns 8 WARPS n ... (8 WARPS of them) of row tile t. Its
     16 WARPS weight rows interleave gate and up rows in blocks of 8 (tile row 16 b + i: gate row
     8 b + i for i < 8, up row 8 b + i - 8 otherwise), so that in the wgmma accumulator each
@@ -479,17 +484,22 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
         GROUPS: gl.constexpr = COLS // 32
         col0 = gl.program_id(0) * COLS
         e64 = expert.to(gl.int64)
-        ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
-        rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
         # Entry sorted_rows[i] reads token row entry // num_topk (rows past the tile: row 0, masked).
-        src_a = gl.load(sorted_rows_ptr + ra, mask=ra < r1, other=0) // num_topk
-        src_s = gl.load(sorted_rows_ptr + rs, mask=rs < r1, other=0) // num_topk
-        jw = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W))
-        jws = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))
-        acc = _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, (src_a, src_s), (ra < r1, rs < r1),
-                    w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
-                    (_l1_weight_row(jw, col0, inter), _l1_weight_row(jws, col0, inter)), lut_ptr, hidden,
-                    C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
+        if WS:
+            acc = _gemm_ws(a_ptr, stride_a, a_scale_ptr, stride_as, sorted_rows_ptr, num_topk, r0, r1,
+                           w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n, col0,
+                           inter, lut_ptr, hidden, C, True, True, BLOCK_T, STAGES)
+        else:
+            ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
+            rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
+            src_a = gl.load(sorted_rows_ptr + ra, mask=ra < r1, other=0) // num_topk
+            src_s = gl.load(sorted_rows_ptr + rs, mask=rs < r1, other=0) // num_topk
+            jw = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W))
+            jws = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))
+            acc = _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, (src_a, src_s), (ra < r1, rs < r1),
+                        w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
+                        (_l1_weight_row(jw, col0, inter), _l1_weight_row(jws, col0, inter)), lut_ptr, hidden,
+                        C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
         if HAS_BIAS:
             jc = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, C))
             acc += gl.load(bias_ptr + e64 * 2 * inter + _l1_weight_row(jc, col0, inter))[:, None]
@@ -538,7 +548,7 @@ def _l1_weight_row(j, col0, inter):
 def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_offsets_ptr, topk_weights_ptr,
                w_ptr, stride_w_e, stride_w_tile, ws_ptr, stride_ws_e, stride_ws_n, bias_ptr, lut_ptr, out_ptr,
                hidden, inter, num_experts, HAS_BIAS: gl.constexpr, BLOCK_E: gl.constexpr, PDL: gl.constexpr,
-               WARPS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
+               WARPS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
     """Program (n, t): hidden columns 16 WARPS n ... (16 WARPS of them) of row tile t; row i of
     the sorted intermediate rows goes to combine row sorted_rows[i] (as `l2._l2_tile`)."""
     BLOCK_W: gl.constexpr = 16 * WARPS
@@ -557,11 +567,16 @@ def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_
         rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
         # Weight rows past H (the last program's, when H is not a multiple of BLOCK_W) read row
         # H - 1; their results are not stored.
-        acc = _gemm(inter_ptr, inter, inter_scale_ptr, stride_is_m, (ra, rs), (ra < r1, rs < r1),
-                    w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
-                    (gl.minimum(n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)), hidden - 1),
-                     gl.minimum(n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS)), hidden - 1)), lut_ptr, inter,
-                    C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
+        if WS:
+            acc = _gemm_ws(inter_ptr, inter, inter_scale_ptr, stride_is_m, sorted_rows_ptr, 1, r0, r1,
+                           w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n, n0,
+                           hidden, lut_ptr, inter, C, False, False, BLOCK_T, STAGES)
+        else:
+            acc = _gemm(inter_ptr, inter, inter_scale_ptr, stride_is_m, (ra, rs), (ra < r1, rs < r1),
+                        w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
+                        (gl.minimum(n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)), hidden - 1),
+                         gl.minimum(n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS)), hidden - 1)),
+                        lut_ptr, inter, C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
         rows = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, C))
         row_ok = rows < r1
         dst = gl.load(sorted_rows_ptr + rows, mask=row_ok, other=0).to(gl.int64)
@@ -580,8 +595,11 @@ def _grid(num_entries: int, num_experts: int, columns: int, per_program: int) ->
 
 
 def _shape_args(experts: int) -> dict:
+    ws = dict(WS=True, maxnreg=WS_MAXNREG) if WARP_SPECIALIZED else dict(WS=False)
+    if WARP_SPECIALIZED and NUM_WARPS != 4:
+        raise ValueError(f"prefill_wgmma: WARP_SPECIALIZED needs NUM_WARPS = 4, not {NUM_WARPS}")
     return dict(BLOCK_E=triton.next_power_of_2(max(experts, 32 * NUM_WARPS)), WARPS=NUM_WARPS, BLOCK_T=ROWS_T,
-                STAGES=NUM_STAGES, num_warps=NUM_WARPS)
+                STAGES=NUM_STAGES, num_warps=NUM_WARPS, **ws)
 
 
 def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts, pdl: dict) -> None:
