@@ -14,7 +14,8 @@ same inputs (rows rebased to one scale per 128 of K, `kernels/rebase.py`) and ch
   most 14 binades (6 * 2^6 = 384 fits e4m3, 0.5 * 2^-8 is its smallest subnormal); past that a
   value rounds to the nearest e4m3, an error of at most 2^-10 of 2^m (the rebase's bound for
   the activations). The decode looks each code's e4m3 magnitude up in an 8-entry table of its
-  (row, group) with one `prmt` per four codes (FOLD_PTX).
+  (row, group) with one `prmt` per four codes (FOLD_PTX); the table words are computed up to
+  11 binades down and loaded past that (`_table_words`).
 * The program (one warpgroup: 64 weight rows x up to 128 tokens) copies the step's activation
   rows (gathered through the sorted-row index where needed), scales and packed weight bytes
   into shared-memory rings with cp.async, STAGES steps ahead, and decodes the weights into
@@ -23,7 +24,12 @@ same inputs (rows rebased to one scale per 128 of K, `kernels/rebase.py`) and ch
   for them and promotes. Two programs an SM overlap one's promotion with the other's MMAs.
 
 Measured alone (tools/wgmma_prefill.py, H200, 2026-12-02, v4-flash at 4096 tokens, same run):
-L1's GEMM 2654 us against the Triton L1 stage's 5480, L2's 1548 against 2586.
+L1's GEMM 2654 us against the Triton L1 stage's 5480, L2's 1548 against 2586. In the layer
+(2026-12-03, same run): v4-flash 4096 tokens 5.1 ms, 1.22x the torch BF16 pipeline (docs/PERF.md
+run 17). Two warpgroups a program (NUM_WARPS = 8) and the warp-specialized core (`_gemm_ws`,
+WARP_SPECIALIZED) are correct for every shape and were slower (docs/PERF.md, "The versions");
+they stay as switches for the next attempts. Any H and I (multiples of 32): the last program's
+rows past them are clamped and masked.
 
 Used for the prefill tiles (`config.is_wide`) of the FP8 x MXFP4 mode with FP8 MMAs on sm_90
 when the rows are not gathered and the output is local (EP = 1 and the nccl backend):
