@@ -12,6 +12,8 @@ History (H200, 2026-12-02, docs/bench/h200_2026-12-02/): the first version (run 
 step's weight scales with plain loads, a memory latency a step on the critical path: L1 at
 4096 tokens 3393 us; through the cp.async ring and with one shared-memory tile per scale group
 (no barriers between the decode's stores, run 21): 2654 us, against the Triton L1 stage's 5480.
+2026-12-03 (runs 24-26): two warpgroups a program (8x...), gathered rows (g) and the
+warp-specialized core (w) were 1-2%, 2% and 8-13% slower than 4x128x4.
 
     python tools/wgmma_prefill.py [--tokens 4096,8192] [--variants 4x128x4,4x128x4g,8x128x3]
 """
@@ -110,7 +112,7 @@ class Problem:
 
     def run(self, warps: int, bt: int, stages: int, tiles: torch.Tensor, gather: bool = False,
             ws: bool = False) -> None:
-        extra = dict(maxnreg=WS_MAXNREG) if ws else {}
+        extra = dict(maxnreg=pw.WS_MAXNREG) if ws else {}
         _gemm_kernel[(self.n // (16 * warps), tiles.numel() // 3)](
             self.a8, self.a_sc, self.src, self.w, self.ws.view(torch.int32), self.lut, self.out, tiles, self.rows,
             self.k, self.w.stride(0), self.w.stride(1), self.ws.stride(0) // 2, self.ws.stride(1) // 2,
@@ -136,8 +138,6 @@ class Problem:
 
 VARIANTS = ["4x128x4", "4x128x4g", "4x128x4w", "4x128x4gw", "4x128x5w"]
 """WARPSxBLOCK_TxSTAGES, then `g` for GATHER and `w` for WS (4 warps only)."""
-WS_MAXNREG = 128
-"""Registers a thread for the warp-specialized variants: 8 warps a program, two programs an SM."""
 
 
 def parse_variant(v: str) -> tuple:

@@ -346,7 +346,7 @@ def _gemm_ws(a_ptr, stride_a, a_scale_ptr, stride_as, rows_ptr, row_div, r0, r1,
     bars = (decoded, mma_done)
     steps = gl.cdiv(k_size, 128)
     (acc,) = gl.warp_specialize([
-        (_ws_mma, (rings, bars, s_ring, steps, C, BLOCK_T, STAGES)),
+        (_ws_mma, (rings, bars, steps, C, BLOCK_T, STAGES)),
         (_ws_decode, (rings, bars, a_ptr, stride_a, a_scale_ptr, stride_as, rows_ptr, row_div, r0, r1, w_ptr,
                       stride_w_tile, ws_ptr, stride_ws_n, w_first, w_limit, lut_ptr, k_size, GATHER, L1_ROWS,
                       BLOCK_T, STAGES)),
@@ -360,7 +360,9 @@ kernel's maxnreg budget."""
 
 
 @gluon.jit
-def _ws_mma(rings, bars, s_ring_unused, steps, C: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
+def _ws_mma(rings, bars, steps, C: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
+    """`_gemm_ws`'s MMA warpgroup: wait for a decoded step, four chained MMAs, wait for them,
+    release the step's buffers, promote."""
     a_ring, s_ring, w_ring, ws_ring, dec0, dec1, dec2, dec3, tops = rings
     decoded, mma_done = bars
     ROWS_C: gl.constexpr = gl.SliceLayout(1, C)
@@ -389,6 +391,8 @@ def _ws_mma(rings, bars, s_ring_unused, steps, C: gl.constexpr, BLOCK_T: gl.cons
 def _ws_decode(rings, bars, a_ptr, stride_a, a_scale_ptr, stride_as, rows_ptr, row_div, r0, r1, w_ptr,
                stride_w_tile, ws_ptr, stride_ws_n, w_first, w_limit, lut_ptr, k_size, GATHER: gl.constexpr,
                L1_ROWS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
+    """`_gemm_ws`'s copy/decode warps: cp.async of each step into the rings (refilling a slot
+    once its step's MMAs are done), then the step's decode into the free decode buffer."""
     a_ring, s_ring, w_ring, ws_ring, dec0, dec1, dec2, dec3, tops = rings
     decoded, mma_done = bars
     BLOCK_W: gl.constexpr = 64
