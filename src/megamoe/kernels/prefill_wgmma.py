@@ -212,6 +212,60 @@ def _add(a, b):
 
 
 @gluon.jit
+def _allocate_rings(BLOCK_W: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
+    """The cp.async rings (activation rows, their step scales, packed weight bytes, weight
+    scales as int32 pairs) and the decoded weights, double-buffered: one [BLOCK_W, 32] tile per
+    group of a step."""
+    FP8_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    GROUP_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
+    PLAIN_2D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    PLAIN_1D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+    a_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_T, 128], FP8_SMEM)
+    s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_T], PLAIN_1D)
+    w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_W, 64], PLAIN_2D)
+    ws_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_W, 2], PLAIN_2D)
+    dec0 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
+    dec1 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
+    dec2 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
+    dec3 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
+    return a_ring, s_ring, w_ring, ws_ring, dec0, dec1, dec2, dec3
+
+
+@gluon.jit
+def _sources(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows_a, a_rows_s, ok_a, w_ptr, stride_w_tile, ws_ptr,
+             stride_ws_n, w_rows_w, w_rows_ws, CP_A: gl.constexpr, CP_W: gl.constexpr, CP_WS: gl.constexpr):
+    """Step 0's global addresses of the cp.async copies (`_copy_step` adds the step) and their
+    masks: activation rows a_rows_* (ok_a: real rows), weight rows w_rows_* (all real)."""
+    ak = gl.arange(0, 128, layout=gl.SliceLayout(0, CP_A))
+    a_src = a_ptr + a_rows_a.to(gl.int64)[:, None] * stride_a + ak[None, :]
+    a_ok, _ = gl.broadcast(ok_a[:, None], a_src)
+    s_src = a_scale_ptr + a_rows_s.to(gl.int64) * stride_as
+    wb = gl.arange(0, 64, layout=gl.SliceLayout(0, CP_W))
+    w_src = w_ptr + (w_rows_w // 32).to(gl.int64)[:, None] * stride_w_tile + (w_rows_w % 32)[:, None] * 64 + wb[None, :]
+    w_all = gl.full(w_src.shape, 1, gl.int1, CP_W)
+    wq = gl.arange(0, 2, layout=gl.SliceLayout(0, CP_WS))
+    ws_src = ws_ptr + w_rows_ws[:, None] * stride_ws_n + wq[None, :]
+    ws_all = gl.full(ws_src.shape, 1, gl.int1, CP_WS)
+    return a_src, a_ok, ak, s_src, w_src, w_all, ws_src, ws_all
+
+
+@gluon.jit
+def _decode_into(w_ring, ws_ring, decs, slot, buf, lut_ptr, step, k_groups, RAW: gl.constexpr):
+    """`_decode_step` of ring slot `slot` (step `step`) into decode buffer `buf` of the four
+    group tiles `decs`; returns the rows' largest group exponents."""
+    dec0, dec1, dec2, dec3 = decs
+    BLOCK_W: gl.constexpr = w_ring.shape[1]
+    PLAIN_2D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    GROUP_WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=32, rank=2)
+    return _decode_step(w_ring.index(slot)._reinterpret(gl.int32, [BLOCK_W, 16], PLAIN_2D),
+                        dec0.index(buf)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
+                        dec1.index(buf)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
+                        dec2.index(buf)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
+                        dec3.index(buf)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS), ws_ring.index(slot),
+                        lut_ptr, step, k_groups, RAW)
+
+
+@gluon.jit
 def _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride_w_tile, ws_ptr, stride_ws_n,
           w_rows, lut_ptr, k_size, C: gl.constexpr, CP_A: gl.constexpr, CP_S: gl.constexpr, CP_W: gl.constexpr,
           CP_WS: gl.constexpr, WARPS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
@@ -229,34 +283,13 @@ def _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride
     ROWS_C: gl.constexpr = gl.SliceLayout(1, C)
     COLS_C: gl.constexpr = gl.SliceLayout(0, C)
     RAW: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [WARPS, 1], [1, 0])
-    FP8_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    GROUP_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
-    GROUP_WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=32, rank=2)
-    PLAIN_2D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
-    PLAIN_1D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     steps = gl.cdiv(k_size, 128)
     k_groups = k_size // 32
 
-    a_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_T, 128], FP8_SMEM)
-    s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_T], PLAIN_1D)
-    w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_W, 64], PLAIN_2D)
-    ws_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_W, 2], PLAIN_2D)
-    # The decoded weights, double-buffered: one [BLOCK_W, 32] tile per group of a step.
-    dec0 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
-    dec1 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
-    dec2 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
-    dec3 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
-
-    ak = gl.arange(0, 128, layout=gl.SliceLayout(0, CP_A))
-    a_src = a_ptr + a_rows_a.to(gl.int64)[:, None] * stride_a + ak[None, :]
-    a_ok, _ = gl.broadcast(ok_a[:, None], a_src)
-    s_src = a_scale_ptr + a_rows_s.to(gl.int64) * stride_as
-    wb = gl.arange(0, 64, layout=gl.SliceLayout(0, CP_W))
-    w_src = w_ptr + (w_rows_w // 32).to(gl.int64)[:, None] * stride_w_tile + (w_rows_w % 32)[:, None] * 64 + wb[None, :]
-    w_all = gl.full(w_src.shape, 1, gl.int1, CP_W)
-    wq = gl.arange(0, 2, layout=gl.SliceLayout(0, CP_WS))
-    ws_src = ws_ptr + w_rows_ws[:, None] * stride_ws_n + wq[None, :]
-    ws_all = gl.full(ws_src.shape, 1, gl.int1, CP_WS)
+    a_ring, s_ring, w_ring, ws_ring, dec0, dec1, dec2, dec3 = _allocate_rings(BLOCK_W, BLOCK_T, STAGES)
+    a_src, a_ok, ak, s_src, w_src, w_all, ws_src, ws_all = _sources(
+        a_ptr, stride_a, a_scale_ptr, stride_as, a_rows_a, a_rows_s, ok_a, w_ptr, stride_w_tile, ws_ptr, stride_ws_n,
+        w_rows_w, w_rows_ws, CP_A, CP_W, CP_WS)
     for s in gl.static_range(STAGES - 1):
         more = s < steps
         _copy_step(a_ring.index(s), s_ring.index(s), w_ring.index(s), ws_ring.index(s), a_src, a_ok, ak, s_src,
@@ -265,12 +298,7 @@ def _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride
     acc = gl.zeros([BLOCK_W, BLOCK_T], gl.float32, C)
     async_copy.wait_group(STAGES - 2)
     gl.thread_barrier()
-    top = _decode_step(w_ring.index(0)._reinterpret(gl.int32, [BLOCK_W, 16], PLAIN_2D),
-                       dec0.index(0)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
-                       dec1.index(0)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
-                       dec2.index(0)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
-                       dec3.index(0)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS), ws_ring.index(0), lut_ptr,
-                       0, k_groups, RAW)
+    top = _decode_into(w_ring, ws_ring, (dec0, dec1, dec2, dec3), 0, 0, lut_ptr, 0, k_groups, RAW)
     fence_async_shared()
     for step in range(steps):
         slot = step % STAGES
@@ -292,12 +320,8 @@ def _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride
         async_copy.wait_group(STAGES - 2)
         gl.thread_barrier()
         nb = 1 - cur
-        ntop = _decode_step(w_ring.index((step + 1) % STAGES)._reinterpret(gl.int32, [BLOCK_W, 16], PLAIN_2D),
-                            dec0.index(nb)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
-                            dec1.index(nb)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
-                            dec2.index(nb)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
-                            dec3.index(nb)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
-                            ws_ring.index((step + 1) % STAGES), lut_ptr, step + 1, k_groups, RAW)
+        ntop = _decode_into(w_ring, ws_ring, (dec0, dec1, dec2, dec3), (step + 1) % STAGES, nb, lut_ptr, step + 1,
+                            k_groups, RAW)
         fence_async_shared()
         part = warpgroup_mma_wait(0, deps=[part])
         # The step's weight scale 2^(top - 133) and activation scale; both powers of two.
@@ -320,19 +344,8 @@ def _gemm_ws(a_ptr, stride_a, a_scale_ptr, stride_as, rows_ptr, row_div, r0, r1,
     r1 - 1, or (GATHER) rows_ptr[i] // row_div. Weight rows: L1_ROWS: `_l1_weight_row` of
     columns from w_first (w_limit = I), else w_first + j clamped below w_limit (= N)."""
     BLOCK_W: gl.constexpr = 64
-    FP8_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    GROUP_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
-    PLAIN_2D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
-    PLAIN_1D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-    a_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_T, 128], FP8_SMEM)
-    s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_T], PLAIN_1D)
-    w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_W, 64], PLAIN_2D)
-    ws_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_W, 2], PLAIN_2D)
-    dec0 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
-    dec1 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
-    dec2 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
-    dec3 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
-    tops = gl.allocate_shared_memory(gl.int32, [2, BLOCK_W], PLAIN_1D)
+    a_ring, s_ring, w_ring, ws_ring, dec0, dec1, dec2, dec3 = _allocate_rings(BLOCK_W, BLOCK_T, STAGES)
+    tops = gl.allocate_shared_memory(gl.int32, [2, BLOCK_W], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     # decoded[b]: step k's decoded tiles (buffer b = k % 2), its top exponents and its ring
     # slot's activations and scales are in shared memory. mma_done[s]: the MMAs of the step in
     # ring slot s completed (its slot and its decode buffer may be rewritten).
@@ -402,8 +415,6 @@ def _ws_decode(rings, bars, a_ptr, stride_a, a_scale_ptr, stride_as, rows_ptr, r
     CP_WS: gl.constexpr = gl.BlockedLayout([1, 1], [16, 2], [4, 1], [1, 0])
     RAW: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [4, 1], [1, 0])
     TOP: gl.constexpr = gl.SliceLayout(1, RAW)
-    PLAIN_2D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
-    GROUP_WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=32, rank=2)
     steps = gl.cdiv(k_size, 128)
     k_groups = k_size // 32
     ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
@@ -424,16 +435,9 @@ def _ws_decode(rings, bars, a_ptr, stride_a, a_scale_ptr, stride_as, rows_ptr, r
     else:
         w_rows_w = gl.minimum(w_first + jw, w_limit - 1)
         w_rows_ws = gl.minimum(w_first + jws, w_limit - 1)
-    ak = gl.arange(0, 128, layout=gl.SliceLayout(0, CP_A))
-    a_src = a_ptr + src_a.to(gl.int64)[:, None] * stride_a + ak[None, :]
-    a_ok, _ = gl.broadcast(ok_a[:, None], a_src)
-    s_src = a_scale_ptr + src_s.to(gl.int64) * stride_as
-    wb = gl.arange(0, 64, layout=gl.SliceLayout(0, CP_W))
-    w_src = w_ptr + (w_rows_w // 32).to(gl.int64)[:, None] * stride_w_tile + (w_rows_w % 32)[:, None] * 64 + wb[None, :]
-    w_all = gl.full(w_src.shape, 1, gl.int1, CP_W)
-    wq = gl.arange(0, 2, layout=gl.SliceLayout(0, CP_WS))
-    ws_src = ws_ptr + w_rows_ws[:, None] * stride_ws_n + wq[None, :]
-    ws_all = gl.full(ws_src.shape, 1, gl.int1, CP_WS)
+    a_src, a_ok, ak, s_src, w_src, w_all, ws_src, ws_all = _sources(
+        a_ptr, stride_a, a_scale_ptr, stride_as, src_a, src_s, ok_a, w_ptr, stride_w_tile, ws_ptr, stride_ws_n,
+        w_rows_w, w_rows_ws, CP_A, CP_W, CP_WS)
     for s in gl.static_range(STAGES):
         _copy_step(a_ring.index(s), s_ring.index(s), w_ring.index(s), ws_ring.index(s), a_src, a_ok, ak, s_src,
                    ok_s, w_src, w_all, ws_src, ws_all, s, k_size, s < steps)
@@ -452,12 +456,7 @@ def _ws_decode(rings, bars, a_ptr, stride_a, a_scale_ptr, stride_as, rows_ptr, r
         gl.thread_barrier()
         slot = step % STAGES
         cur = step % 2
-        top = _decode_step(w_ring.index(slot)._reinterpret(gl.int32, [BLOCK_W, 16], PLAIN_2D),
-                           dec0.index(cur)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
-                           dec1.index(cur)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
-                           dec2.index(cur)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
-                           dec3.index(cur)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS), ws_ring.index(slot),
-                           lut_ptr, step, k_groups, RAW)
+        top = _decode_into(w_ring, ws_ring, (dec0, dec1, dec2, dec3), slot, cur, lut_ptr, step, k_groups, RAW)
         tops.index(cur).store(gl.convert_layout(top, TOP))
         fence_async_shared()
         gl.thread_barrier()
@@ -581,8 +580,6 @@ def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_
     if expert < num_experts:
         n0 = gl.program_id(0) * BLOCK_W
         e64 = expert.to(gl.int64)
-        ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
-        rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
         # Weight rows past H (the last program's, when H is not a multiple of BLOCK_W) read row
         # H - 1; their results are not stored.
         if WS:
@@ -590,6 +587,8 @@ def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_
                            w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n, n0,
                            hidden, lut_ptr, inter, C, False, False, BLOCK_T, STAGES)
         else:
+            ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
+            rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
             acc = _gemm(inter_ptr, inter, inter_scale_ptr, stride_is_m, (ra, rs), (ra < r1, rs < r1),
                         w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
                         (gl.minimum(n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)), hidden - 1),
