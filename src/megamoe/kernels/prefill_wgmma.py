@@ -28,7 +28,8 @@ L1's GEMM 2654 us against the Triton L1 stage's 5480, L2's 1548 against 2586. In
 (2026-12-03, same run): v4-flash 4096 tokens 5.1 ms, 1.22x the torch BF16 pipeline (docs/PERF.md
 run 17). Two warpgroups a program (NUM_WARPS = 8) and the warp-specialized core (`_gemm_ws`,
 WARP_SPECIALIZED) are correct for every shape and were slower (docs/PERF.md, "The versions");
-they stay as switches for the next attempts. Any H and I (multiples of 32): the last program's
+they stay as switches for the next attempts. Folding each row over all of K instead of per step
+(one promotion FMA an element) was slower too (v18, 2026-12-03; a patch in docs/bench). Any H and I (multiples of 32): the last program's
 rows past them are clamped and masked.
 
 Used for the prefill tiles (`config.is_wide`) of the FP8 x MXFP4 mode with FP8 MMAs on sm_90
