@@ -29,8 +29,8 @@ L1's GEMM 2654 us against the Triton L1 stage's 5480, L2's 1548 against 2586. In
 run 17). Two warpgroups a program (NUM_WARPS = 8) and the warp-specialized core (`_gemm_ws`,
 WARP_SPECIALIZED) are correct for every shape and were slower (docs/PERF.md, "The versions");
 they stay as switches for the next attempts. Folding each row over all of K instead of per step
-(one promotion FMA an element) was slower too (v18, 2026-12-03; a patch in docs/bench). Any H and I (multiples of 32): the last program's
-rows past them are clamped and masked.
+(one promotion FMA an element) was slower too (v18, 2026-12-03; a patch in docs/bench). Any H
+and I (multiples of 32): the last program's rows past them are clamped and masked.
 
 Used for the prefill tiles (`config.is_wide`) of the FP8 x MXFP4 mode with FP8 MMAs on sm_90
 when the rows are not gathered and the output is local (EP = 1 and the nccl backend):
@@ -272,8 +272,9 @@ def _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride
           CP_WS: gl.constexpr, WARPS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
     """acc [BLOCK_W, BLOCK_T] (layout C) = sum over K of W[w_rows] A[a_rows]^T with their
     scales, W the expert's MXFP4 weights (kernel layout, weights.py; ws_ptr its bf16 scales
-    read as int32 pairs, so that cp.async moves at least 4 bytes whatever the row stride), A FP8 rows with one scale per step (a_scale_ptr: [rows, G4] fp32, the
-    step's scale in each of its four entries). a_rows / row_ok: [BLOCK_T] in SliceLayout(1,
+    read as int32 pairs, so that cp.async moves at least 4 bytes whatever the row stride), A
+    FP8 rows with one scale per step (a_scale_ptr: [rows, G4] fp32, the step's scale in each of
+    its four entries). a_rows / row_ok: [BLOCK_T] in SliceLayout(1,
     CP_A) and in CP_S (pairs); w_rows: [BLOCK_W] in SliceLayout(1, CP_W) and SliceLayout(1,
     CP_WS) (pairs). WARPS (one warpgroup, or two: 64 or 128 weight rows), BLOCK_T and
     STAGES are parameters for tools/wgmma_prefill.py's variants."""
