@@ -26,6 +26,9 @@
 # disjoint GPUs (CUDA_VISIBLE_DEVICES), copy i on iterations START + i * chunk ..., each writing
 # OUT_DIR/STEP-i.log and .json, e.g. 1000 EP = 1 cases on a 4-GPU machine in about 3 minutes:
 #     GPUS=4 tools/gpu_reliability.sh stress-ep1
+# COPIES (default GPUS / ranks) runs more copies than GPU sets, round robin: the iterations are
+# mostly CPU work (reference, checks, compiles), so several copies share one GPU, e.g.
+#     COPIES=8 ITERATIONS=800 tools/gpu_reliability.sh stress-ep1
 set -u
 
 STEP=${1:?usage: tools/gpu_reliability.sh STEP [OUT_DIR]}
@@ -57,13 +60,14 @@ run() {   # run LIMIT_S COMMAND...: bounded, logged, status recorded
 chunks() {   # chunks RANKS ARGS...: `megamoe stress ARGS` in GPUS / RANKS copies side by side
     local ranks=$1
     shift
-    local copies=$(( ${GPUS:-$ranks} / ranks ))
-    [ "$copies" -ge 1 ] || copies=1
+    local sets=$(( ${GPUS:-$ranks} / ranks ))
+    [ "$sets" -ge 1 ] || sets=1
+    local copies=${COPIES:-$sets}
     local per=$(( (ITERATIONS + copies - 1) / copies ))
     local pids=() i
     for ((i = 0; i < copies; i++)); do
         local devices
-        devices=$(seq -s, $((i * ranks)) $((i * ranks + ranks - 1)))
+        devices=$(seq -s, $((i % sets * ranks)) $((i % sets * ranks + ranks - 1)))
         echo "== $STEP-$i (GPUs $devices): stress $* --start $((START + i * per)) --iterations $per" \
             | tee "$OUT/$STEP-$i.log"
         CUDA_VISIBLE_DEVICES=$devices timeout --signal=KILL 570 $MEGAMOE stress "$@" --profile "$PROFILE" \
