@@ -67,13 +67,11 @@ def _decode(packed):
 
 
 @gluon.jit
-def _mma_row_kernel(w_ptr, ws_ptr, a_ptr, as_ptr, out_ptr, experts_ptr, tiles_per_expert, steps,
-                    stride_w_e, stride_w_tile, stride_ws_e, stride_ws_n, stride_a, stride_as, n_rows,
-                    K_WIDTH: gl.constexpr, WARPS: gl.constexpr):
-    BLOCK_W: gl.constexpr = 16 * WARPS
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
-    A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=K_WIDTH)
-    B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=K_WIDTH)
+def _row_tile(w_ptr, ws_ptr, a_ptr, experts_ptr, tiles_per_expert, stride_w_e, stride_w_tile, stride_ws_e,
+              stride_ws_n, stride_a, BLOCK_W: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr):
+    """This program's expert slot, expert and weight rows (nm, in the accumulator's row layout),
+    and step 0's addresses of its operands: the weight bytes in A's layout, the activation row
+    as the B operand, the weight scales."""
     pid = gl.program_id(0)
     slot = pid // tiles_per_expert
     expert = gl.load(experts_ptr + slot).to(gl.int64)
@@ -89,6 +87,29 @@ def _mma_row_kernel(w_ptr, ws_ptr, a_ptr, as_ptr, out_ptr, experts_ptr, tiles_pe
     a_base = a_ptr + slot * stride_a + kb[:, None] + 0 * cb[None, :]
     nm = n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, MMA))
     ws_base = ws_ptr + expert * stride_ws_e + nm * stride_ws_n
+    return slot, expert, nm, w_base, a_base, ws_base
+
+
+@gluon.jit
+def _store_row(out_ptr, slot, n_rows, nm, acc, MMA: gl.constexpr):
+    """Column 0 of the accumulator into out[slot]: the row's result (all eight columns hold it)."""
+    cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
+    out = out_ptr + slot * n_rows + nm[:, None] + 0 * cols[None, :]
+    # The decode yields value * 2^-6.
+    gl.store(out, acc * 64.0, mask=cols[None, :] == 0)
+
+
+@gluon.jit
+def _mma_row_kernel(w_ptr, ws_ptr, a_ptr, as_ptr, out_ptr, experts_ptr, tiles_per_expert, steps,
+                    stride_w_e, stride_w_tile, stride_ws_e, stride_ws_n, stride_a, stride_as, n_rows,
+                    K_WIDTH: gl.constexpr, WARPS: gl.constexpr):
+    BLOCK_W: gl.constexpr = 16 * WARPS
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
+    A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=K_WIDTH)
+    B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=K_WIDTH)
+    slot, expert, nm, w_base, a_base, ws_base = _row_tile(w_ptr, ws_ptr, a_ptr, experts_ptr, tiles_per_expert,
+                                                          stride_w_e, stride_w_tile, stride_ws_e, stride_ws_n,
+                                                          stride_a, BLOCK_W, MMA, A, B)
     zero = gl.zeros([BLOCK_W, 8], gl.float32, MMA)
     acc = gl.zeros([BLOCK_W, 8], gl.float32, MMA)
     for step in range(steps):
@@ -100,10 +121,7 @@ def _mma_row_kernel(w_ptr, ws_ptr, a_ptr, as_ptr, out_ptr, experts_ptr, tiles_pe
             s_lo = gl.load(ws_base + g).to(gl.float32) * gl.load(as_ptr + slot * stride_as + g)
             s_hi = gl.load(ws_base + g + 1).to(gl.float32) * gl.load(as_ptr + slot * stride_as + g + 1)
             acc += p_lo * s_lo[:, None] + p_hi * s_hi[:, None]
-    cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
-    out = out_ptr + slot * n_rows + nm[:, None] + 0 * cols[None, :]
-    # The decode yields value * 2^-6; column 0 is the row's result (all eight are).
-    gl.store(out, acc * 64.0, mask=cols[None, :] == 0)
+    _store_row(out_ptr, slot, n_rows, nm, acc, MMA)
 
 
 @gluon.jit
@@ -153,18 +171,9 @@ def _mma_ahead_kernel(w_ptr, ws_ptr, a_ptr, as_ptr, out_ptr, experts_ptr, tiles_
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
     A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=K_WIDTH)
     B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=K_WIDTH)
-    pid = gl.program_id(0)
-    slot = pid // tiles_per_expert
-    expert = gl.load(experts_ptr + slot).to(gl.int64)
-    n0 = (pid % tiles_per_expert) * BLOCK_W
-    n = n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, A))
-    j = gl.arange(0, 32, layout=gl.SliceLayout(0, A))
-    w_base = w_ptr + expert * stride_w_e + (n // 32)[:, None] * stride_w_tile + (n % 32)[:, None] * 64 + j[None, :]
-    kb = gl.arange(0, 32, layout=gl.SliceLayout(1, B))
-    cb = gl.arange(0, 8, layout=gl.SliceLayout(0, B))
-    a_base = a_ptr + slot * stride_a + kb[:, None] + 0 * cb[None, :]
-    nm = n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, MMA))
-    ws_base = ws_ptr + expert * stride_ws_e + nm * stride_ws_n
+    slot, expert, nm, w_base, a_base, ws_base = _row_tile(w_ptr, ws_ptr, a_ptr, experts_ptr, tiles_per_expert,
+                                                          stride_w_e, stride_w_tile, stride_ws_e, stride_ws_n,
+                                                          stride_a, BLOCK_W, MMA, A, B)
     as_base = as_ptr + slot * stride_as + 0 * nm
     zero = gl.zeros([BLOCK_W, 8], gl.float32, MMA)
     acc = gl.zeros([BLOCK_W, 8], gl.float32, MMA)
@@ -197,9 +206,7 @@ def _mma_ahead_kernel(w_ptr, ws_ptr, a_ptr, as_ptr, out_ptr, experts_ptr, tiles_
             r1 = r2
             r2 = r3
             r3 = nxt
-    cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
-    out = out_ptr + slot * n_rows + nm[:, None] + 0 * cols[None, :]
-    gl.store(out, acc * 64.0, mask=cols[None, :] == 0)
+    _store_row(out_ptr, slot, n_rows, nm, acc, MMA)
 
 
 @gluon.jit
@@ -229,10 +236,9 @@ def _mma_ring_kernel(w_ptr, ws_ptr, a_ptr, as_ptr, out_ptr, experts_ptr, tiles_p
                gl.allocate_shared_memory(gl.float32, [STAGES, 8], PLAIN_1D),
                gl.allocate_shared_memory(gl.float32, [STAGES, 8], PLAIN_1D),
                gl.allocate_shared_memory(gl.float32, [STAGES, 8], PLAIN_1D))
-    pid = gl.program_id(0)
-    slot_e = pid // tiles_per_expert
-    expert = gl.load(experts_ptr + slot_e).to(gl.int64)
-    n0 = (pid % tiles_per_expert) * BLOCK_W
+    slot_e, expert, nm, _, a_base, _ = _row_tile(w_ptr, ws_ptr, a_ptr, experts_ptr, tiles_per_expert, stride_w_e,
+                                                 stride_w_tile, stride_ws_e, stride_ws_n, stride_a, BLOCK_W, MMA, A, B)
+    n0 = (gl.program_id(0) % tiles_per_expert) * BLOCK_W
     nw = n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W))
     wb = gl.arange(0, 64, layout=gl.SliceLayout(0, CP_W))
     w_src = w_ptr + expert * stride_w_e + (nw // 32)[:, None] * stride_w_tile + (nw % 32)[:, None] * 64 + wb[None, :]
@@ -240,10 +246,6 @@ def _mma_ring_kernel(w_ptr, ws_ptr, a_ptr, as_ptr, out_ptr, experts_ptr, tiles_p
     wq = gl.arange(0, 2, layout=gl.SliceLayout(0, CP_WS))
     ws_src = (ws_ptr + expert * stride_ws_e + nws[:, None] * stride_ws_n + 2 * wq[None, :]).to(
         gl.pointer_type(gl.int32), bitcast=True)
-    kb = gl.arange(0, 32, layout=gl.SliceLayout(1, B))
-    cb = gl.arange(0, 8, layout=gl.SliceLayout(0, B))
-    a_base = a_ptr + slot_e * stride_a + kb[:, None] + 0 * cb[None, :]
-    nm = n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, MMA))
     as_base = as_ptr + slot_e * stride_as + 0 * nm
     ar = gl.arange(0, 8, layout=gl.SliceLayout(1, CP_A))
     ak = gl.arange(0, 128, layout=gl.SliceLayout(0, CP_A))
@@ -307,9 +309,7 @@ def _mma_ring_kernel(w_ptr, ws_ptr, a_ptr, as_ptr, out_ptr, experts_ptr, tiles_p
         acc += mma_v2(hi1.to(gl.float16), b3.to(gl.float16), zero) * (
             (q23 & -65536).to(gl.float32, bitcast=True)[:, None] * s3)
     async_copy.wait_group(0)
-    cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
-    out = out_ptr + slot_e * n_rows + nm[:, None] + 0 * cols[None, :]
-    gl.store(out, acc * 64.0, mask=cols[None, :] == 0)
+    _store_row(out_ptr, slot_e, n_rows, nm, acc, MMA)
 
 
 @gluon.jit
