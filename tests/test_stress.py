@@ -360,9 +360,26 @@ def test_cli_stress_runs_and_writes_json(tmp_path, monkeypatch, capsys):
     assert '"iterations": 6' in out.read_text()
 
 
+def test_cli_graph_soak_takes_batch_sizes_and_experts(monkeypatch, capsys):
+    from megamoe.cli import main
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    args = ["stress", "--graphs", "--replays", "4", "--check-every", "2", "--device", "cpu"]
+    assert main(args + ["--batch-sizes", "1,3", "--experts", "8"]) == 0
+    assert "4 replays, 2 compared with eager" in capsys.readouterr().out
+    for bad in ("0,3", "1,x", ""):
+        with pytest.raises(SystemExit):
+            main(args + ["--batch-sizes", bad])
+        assert "--batch-sizes: expected a comma list of positive integers" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
-def test_graph_soak_on_gpu():
-    result = graph_soak(10000, 100, tolerance=LAYER_KERNEL_VS_REFERENCE)
+@pytest.mark.parametrize("batch_sizes, experts", [((1, 7, 64, 256), 128), ((1, 64, 1024, 4096), 32)],
+                         ids=["decode", "prefill"])
+def test_graph_soak_on_gpu(batch_sizes, experts):
+    """"prefill": 1024 and 4096 tokens put 256 and 1024 rows on an expert, the prefill tiles (on
+    Hopper the Gluon kernels)."""
+    result = graph_soak(10000, 100, batch_sizes, num_experts=experts, tolerance=LAYER_KERNEL_VS_REFERENCE)
     assert result["captured"] and result["checks"] == 100
     assert result["failures"] == [], result["failures"][:10]
 

@@ -12,9 +12,13 @@
 #   faults-4     every fault scenario on 4 ranks                           (4 GPUs)
 #   (EP_BACKEND=symm|nccl picks the buffers' backend of these four; default auto, i.e. symm)
 #   graphs       4 batch sizes captured on one buffer, 10000 replays, every 100th against eager
+#   graphs-prefill  the same with batches of 1, 64, 1024 and 4096 tokens over 32 experts (the
+#                last two take the prefill tiles: on Hopper the Gluon kernels)
 #   large        cases past 2^31 elements (x, combine rows, y) against the reference  (1 GPU, up to ~30 GB)
 #   memcheck     compute-sanitizer memcheck on a few tiny random cases (1 GPU)
 #   racecheck    compute-sanitizer racecheck on the same
+#   (SANITIZE_PROFILE=prefill: the two on batches that take the prefill tiles instead;
+#    SANITIZE_ITERATIONS: how many iterations, default 6 and 4)
 #   pytest       the gpu-marked tests of tests/test_stress.py
 #
 # Each step writes OUT_DIR/STEP.log (and .json where there is one) and appends its exit status
@@ -102,16 +106,18 @@ case "$STEP" in
     faults-4) run 570 $MEGAMOE stress --faults --ranks 4 --timeout 10 --ep-backend "$EP_BACKEND" \
         --scenarios "$FAULTS" --json "$OUT/$STEP-$EP_BACKEND.json" ;;
     graphs) run 570 $MEGAMOE stress --graphs --replays 10000 --check-every 100 --json "$OUT/$STEP.json" ;;
+    graphs-prefill) run 570 $MEGAMOE stress --graphs --replays 10000 --check-every 100 --batch-sizes 1,64,1024,4096 \
+        --experts 32 --json "$OUT/$STEP.json" ;;
     large) run 570 $MEGAMOE stress --large --json "$OUT/$STEP.json" ;;
     memcheck)
         # No caching allocator: each tensor is its own allocation, so memcheck sees overruns between
         # tensors. (The buffer's regions share one allocation: an overrun from one region into the
         # next is invisible to it; the stress checks' results catch those.)
         run 570 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 99 \
-            --print-limit 50 $MEGAMOE stress --iterations 6 --profile tiny --device cuda ;;
+            --print-limit 50 $MEGAMOE stress --iterations "${SANITIZE_ITERATIONS:-6}" --profile "${SANITIZE_PROFILE:-tiny}" --device cuda ;;
     racecheck)
         run 570 "$SANITIZER" --tool racecheck --racecheck-report all --error-exitcode 99 --print-limit 50 \
-            $MEGAMOE stress --iterations 4 --profile tiny --device cuda ;;
+            $MEGAMOE stress --iterations "${SANITIZE_ITERATIONS:-4}" --profile "${SANITIZE_PROFILE:-tiny}" --device cuda ;;
     pytest) run 570 python -m pytest -q -m gpu tests/test_stress.py ;;
     *) echo "unknown step $STEP (see the header of $0)"; exit 2 ;;
 esac

@@ -65,6 +65,7 @@ checked against the reference token chunk by token chunk, plus pre_dispatch's la
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import faulthandler
 import json
@@ -133,6 +134,10 @@ PROFILES = {p.name: p for p in (
     # GPUs: model-like sizes; few distinct sizes, since each new H or K compiles new kernels.
     Profile("gpu", experts=(8, 16, 32, 64, 128), sizes=(64, 96, 256, 768, 2048, 2880, 4096),
             capacities=(2, 9, 64, 257, 1024), max_weight_bytes=4 << 30),
+    # GPU sanitizers on the prefill tiles (on Hopper the Gluon kernels): full batches put 64 to
+    # 2048 rows on an expert, more than config.NARROW_ROWS, at sizes compute-sanitizer runs in
+    # seconds; K not a multiple of 128 (96, 160, 320) included.
+    Profile("prefill", experts=(2, 4), sizes=(96, 160, 256, 320), capacities=(257, 512)),
 )}
 
 ROUTINGS = ("uniform", "skewed", "hot_expert", "one_expert")
@@ -1288,9 +1293,24 @@ def add_cli_arguments(p) -> None:
     p.add_argument("--graphs", action="store_true", help="CUDA-graph soak instead (GPU)")
     p.add_argument("--replays", type=int, default=10000)
     p.add_argument("--check-every", type=int, default=100)
+    p.add_argument("--batch-sizes", type=_positive_ints, default=(1, 7, 64, 256),
+                   help="--graphs: the captured batch sizes (default 1,7,64,256)")
+    p.add_argument("--experts", type=int, default=128,
+                   help="--graphs: experts of the soak's layer (default 128; 32 with batches of 1024 "
+                        "and up puts more than 32 rows on an expert: the prefill tiles)")
     p.add_argument("--large", action="store_true", help=f"large-size cases instead (GPU): "
                                                         f"{', '.join(c.name for c in LARGE_CASES)}")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
+    return values
 
 
 def run_cli(args) -> int:
@@ -1306,8 +1326,9 @@ def run_cli(args) -> int:
         print(report.summary())
         out, failed = asdict(report), report.num_failures
     elif args.graphs:
-        result = graph_soak(args.replays, args.check_every, device=args.device, seed=args.seed,
-                            tolerance=args.tolerance, progress=lambda n: print(f"  {n} replays", flush=True))
+        result = graph_soak(args.replays, args.check_every, args.batch_sizes, num_experts=args.experts,
+                            device=args.device, seed=args.seed, tolerance=args.tolerance,
+                            progress=lambda n: print(f"  {n} replays", flush=True))
         how = "captured" if result["captured"] else "NOT captured: no CUDA device, replays run eagerly"
         print(f"CUDA-graph soak ({how}): {result['replays']} replays, {result['checks']} compared with eager, max "
               f"relative error {result['max_relative_error']:.3e}, {result['seconds']:.1f} s, failures "
