@@ -28,6 +28,7 @@ import megamoe
 import megamoe.comm.local  # noqa: F401
 import megamoe.comm.nccl  # noqa: F401
 from megamoe import stress
+from megamoe.kernels.config import NARROW_ROWS
 from megamoe.stress import (BAD_INPUTS, DEFAULT_FAULTS, FAULTS, LARGE_CASES, PROFILES, LargeCase, RankOutcome,
                             draw_case, graph_soak, judge_faults, run_faults, run_large, run_stress, run_stress_ranks)
 from megamoe.testing import MoEShape, make_problem
@@ -91,6 +92,21 @@ def test_cases_are_reproducible_and_fit_the_ranks():
         assert all(torch.equal(a, b) for a, b in zip(first, again))
     # Iterations of one block share a geometry (and so a buffer); the next block draws anew.
     assert draw_case(0, 4, PROFILES["cpu"]).geometry == draw_case(0, 7, PROFILES["cpu"]).geometry
+
+
+def test_prefill_profile_full_batches_take_the_prefill_tiles():
+    """The sanitizer profile's point (tools/gpu_reliability.sh SANITIZE_PROFILE=prefill): every
+    batch of C - 1 or C tokens puts more than NARROW_ROWS rows on an expert on average, the
+    prefill tiles (on Hopper the Gluon kernels), and the first 16 iterations hold such batches
+    in FP8 x MXFP4 mode."""
+    full_fp8 = 0
+    for i in range(200):
+        case = draw_case(0, i, PROFILES["prefill"])
+        g = case.geometry
+        if case.tokens[0] >= g.num_max_tokens_per_rank - 1:
+            assert case.tokens[0] * g.num_topk / g.num_experts > NARROW_ROWS, case
+            full_fp8 += i < 16 and g.mode == "fp8xfp4"
+    assert full_fp8 >= 4
 
 
 def test_random_inputs_are_never_zero():
