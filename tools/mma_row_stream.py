@@ -144,11 +144,11 @@ def _step_operands(w_base, a_base, ws_base, as_base, step, last):
 
 @gluon.jit
 def _step_mma(acc, ops, zero):
-    """acc + one step of `_step_operands`' loads: each group of 32 is one FP8 k32 MMA (zero
-    accumulator) promoted with its two scales. The
-    operands go to the FP16 tensor cores (two m16n8k16 MMAs a group, exact): Hopper has no FP8
-    `mma.sync`, and ptxas's own lowering of an e4m3 m16n8k32 MMA (converts and two HMMAs) took
-    385 SASS a step (sm_90a) against 186 for the explicit conversion."""
+    """acc + one step of `_step_operands`' loads: each group of 32 is its own MMA (zero
+    accumulator), promoted with its two scales. The FP8 operands go to the FP16 tensor cores
+    (exact; two m16n8k16 MMAs a group): Hopper has no FP8 `mma.sync`, and ptxas's own lowering
+    of an e4m3 m16n8k32 MMA (conversions and two HMMAs) took 385 SASS a step (sm_90a) against
+    350 for the explicit conversion in the same runtime loop."""
     w0, w1, a0, a1, a2, a3, sw0, sw1, sw2, sw3, sa0, sa1, sa2, sa3 = ops
     lo0, hi0 = _decode(w0)
     lo1, hi1 = _decode(w1)
