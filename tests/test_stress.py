@@ -387,14 +387,18 @@ def test_cli_graph_soak_takes_batch_sizes_and_experts(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             main(args + ["--batch-sizes", bad])
         assert "--batch-sizes: expected a comma list of positive integers" in capsys.readouterr().err
+    for bad in ("0", "-2", "8,8"):
+        with pytest.raises(SystemExit):
+            main(args + ["--experts", bad])
+        assert "--experts: expected a positive integer" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch_sizes, experts", [((1, 7, 64, 256), 128), ((1, 64, 1024, 4096), 32)],
                          ids=["decode", "prefill"])
 def test_graph_soak_on_gpu(batch_sizes, experts):
-    """"prefill": 1024 and 4096 tokens put 256 and 1024 rows on an expert, the prefill tiles (on
-    Hopper the Gluon kernels)."""
+    """In the prefill case 1024 and 4096 tokens put 256 and 1024 rows on an expert: the prefill
+    tiles (on Hopper the Gluon kernels)."""
     result = graph_soak(10000, 100, batch_sizes, num_experts=experts, tolerance=LAYER_KERNEL_VS_REFERENCE)
     assert result["captured"] and result["checks"] == 100
     assert result["failures"] == [], result["failures"][:10]

@@ -135,8 +135,8 @@ PROFILES = {p.name: p for p in (
     Profile("gpu", experts=(8, 16, 32, 64, 128), sizes=(64, 96, 256, 768, 2048, 2880, 4096),
             capacities=(2, 9, 64, 257, 1024), max_weight_bytes=4 << 30),
     # GPU sanitizers on the prefill tiles (on Hopper the Gluon kernels): full batches put 64 to
-    # 2048 rows on an expert, more than config.NARROW_ROWS, at sizes compute-sanitizer runs in
-    # seconds; K not a multiple of 128 (96, 160, 320) included.
+    # 512 rows on an expert on average, more than config.NARROW_ROWS, at sizes compute-sanitizer
+    # runs in seconds; K not a multiple of 128 (96, 160, 320) included.
     Profile("prefill", experts=(2, 4), sizes=(96, 160, 256, 320), capacities=(257, 512)),
 )}
 
@@ -1295,12 +1295,22 @@ def add_cli_arguments(p) -> None:
     p.add_argument("--check-every", type=int, default=100)
     p.add_argument("--batch-sizes", type=_positive_ints, default=(1, 7, 64, 256),
                    help="--graphs: the captured batch sizes (default 1,7,64,256)")
-    p.add_argument("--experts", type=int, default=128,
+    p.add_argument("--experts", type=_positive_int, default=128,
                    help="--graphs: experts of the soak's layer (default 128; 32 with batches of 1024 "
                         "and up puts more than 32 rows on an expert: the prefill tiles)")
     p.add_argument("--large", action="store_true", help=f"large-size cases instead (GPU): "
                                                         f"{', '.join(c.name for c in LARGE_CASES)}")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _positive_ints(text: str) -> tuple[int, ...]:
