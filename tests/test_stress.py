@@ -394,7 +394,8 @@ def test_cli_graph_soak_takes_batch_sizes_and_experts(monkeypatch, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch_sizes, experts", [((1, 7, 64, 256), 128), ((1, 64, 1024, 4096), 32)],
+@pytest.mark.parametrize("batch_sizes, experts", [(stress.GRAPH_BATCH_SIZES, stress.GRAPH_EXPERTS),
+                                                  ((1, 64, 1024, 4096), 32)],
                          ids=["decode", "prefill"])
 def test_graph_soak_on_gpu(batch_sizes, experts):
     """In the prefill case 1024 and 4096 tokens put 256 and 1024 rows on an expert: the prefill

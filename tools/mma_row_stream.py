@@ -161,7 +161,7 @@ def _step_mma(acc, ops, zero):
 
 
 @gluon.jit
-def _mma_ahead_kernel(w_ptr, ws_ptr, a_ptr, as_ptr, out_ptr, experts_ptr, tiles_per_expert, steps,
+def _mma_ahead_kernel(w_ptr, ws_ptr, a_ptr, as_ptr, out_ptr, experts_ptr, tiles_per_expert,
                      stride_w_e, stride_w_tile, stride_ws_e, stride_ws_n, stride_a, stride_as, n_rows,
                      K_WIDTH: gl.constexpr, WARPS: gl.constexpr, AHEAD: gl.constexpr, STEPS: gl.constexpr):
     """`_mma_row_kernel` with each step's loads (weights, activations, scales) issued AHEAD
@@ -333,7 +333,7 @@ def run_mma_ahead(pr: Problem, k_width: int, warps: int, ahead: int) -> None:
     block_w = 16 * warps
     tiles = pr.n // block_w
     _mma_ahead_kernel[(pr.slots * tiles,)](
-        pr.w, pr.ws, pr.a8, pr.a_scales, pr.out, pr.experts, tiles, pr.k // 128, pr.w.stride(0), pr.w.stride(1),
+        pr.w, pr.ws, pr.a8, pr.a_scales, pr.out, pr.experts, tiles, pr.w.stride(0), pr.w.stride(1),
         pr.ws.stride(0), pr.ws.stride(1), pr.a8.stride(0), pr.a_scales.stride(0), pr.n, K_WIDTH=k_width,
         WARPS=warps, AHEAD=ahead, STEPS=pr.k // 128, num_warps=warps)
 

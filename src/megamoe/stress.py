@@ -1098,7 +1098,12 @@ class _EagerReplay:
         self.fn()
 
 
-def graph_soak(replays: int = 10000, check_every: int = 100, batch_sizes=(1, 7, 64, 256), *, num_experts: int = 128,
+GRAPH_BATCH_SIZES = (1, 7, 64, 256)
+GRAPH_EXPERTS = 128
+
+
+def graph_soak(replays: int = 10000, check_every: int = 100, batch_sizes=GRAPH_BATCH_SIZES, *,
+               num_experts: int = GRAPH_EXPERTS,
                num_topk: int = 8, hidden: int = 2048, intermediate: int = 768, seed: int = 0,
                device: str | torch.device | None = None, tolerance: float = CONTRACT_RELATIVE_ERROR,
                progress=None) -> dict:
@@ -1293,11 +1298,11 @@ def add_cli_arguments(p) -> None:
     p.add_argument("--graphs", action="store_true", help="CUDA-graph soak instead (GPU)")
     p.add_argument("--replays", type=int, default=10000)
     p.add_argument("--check-every", type=int, default=100)
-    p.add_argument("--batch-sizes", type=_positive_ints, default=(1, 7, 64, 256),
-                   help="--graphs: the captured batch sizes (default 1,7,64,256)")
-    p.add_argument("--experts", type=_positive_int, default=128,
-                   help="--graphs: experts of the soak's layer (default 128; 32 with batches of 1024 "
-                        "and up puts more than 32 rows on an expert: the prefill tiles)")
+    p.add_argument("--batch-sizes", type=_positive_ints, default=GRAPH_BATCH_SIZES,
+                   help=f"--graphs: the captured batch sizes (default {','.join(map(str, GRAPH_BATCH_SIZES))})")
+    p.add_argument("--experts", type=_positive_int, default=GRAPH_EXPERTS,
+                   help=f"--graphs: experts of the soak's layer (default {GRAPH_EXPERTS}; 32 with batches of "
+                        "1024 and up puts more than 32 rows on an expert: the prefill tiles)")
     p.add_argument("--large", action="store_true", help=f"large-size cases instead (GPU): "
                                                         f"{', '.join(c.name for c in LARGE_CASES)}")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -1315,12 +1320,9 @@ def _positive_int(text: str) -> int:
 
 def _positive_ints(text: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
-    return values
+        return tuple(_positive_int(v) for v in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}") from None
 
 
 def run_cli(args) -> int:
