@@ -56,6 +56,7 @@ CASES = [
     Case(64, 2880, 4, 2, 3, 4),                                  # gpt-oss intermediate
     Case(96, 64, 8, 3, 13, 16, masked=0.2, mma="fp16"),          # exact products
     Case(2880, 64, 4, 2, 3, 4, clamp=0.05, mma="fp16"),          # ... with a partial last K step
+    Case(96, 64, 8, 3, 13, 16, masked=0.2, mma="fp16-l1"),       # exact products in L1 only
 ]
 
 
@@ -476,6 +477,13 @@ def test_destroyed_buffer_raises(setup):
 def test_buffer_rejects_bad_mma(kwargs):
     with pytest.raises(ValueError, match="mma"):
         megamoe.MegaMoEBuffer(8, 4, 2, 64, 32, device="cpu", **kwargs)
+
+
+def test_each_mma_names_the_gemms_on_exact_products():
+    from megamoe.reference import MMAS, exact_products
+
+    table = {m: [g for g in ("l1", "l2") if exact_products(m, g)] for m in MMAS}
+    assert table == {"fp8": [], "fp16-l1": ["l1"], "fp16": ["l1", "l2"]}
 
 
 # H100/H200 SM: 64K registers, 228 KB shared memory, 2048 threads.

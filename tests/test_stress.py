@@ -393,6 +393,30 @@ def test_cli_graph_soak_takes_batch_sizes_and_experts(monkeypatch, capsys):
         assert "--experts: expected a positive integer" in capsys.readouterr().err
 
 
+def test_share_gpu_is_refused_where_it_cannot_run(monkeypatch, capsys):
+    from megamoe.cli import main
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for extra in (["--ranks", "1", "--device", "cuda"], ["--ranks", "2", "--device", "cpu"],
+                  ["--ranks", "2", "--device", "cuda", "--graphs"]):
+        with pytest.raises(ValueError, match="--share-gpu: only for the pressure test with --ranks > 1 on a CUDA"):
+            main(["stress", "--share-gpu", "--iterations", "1"] + extra)
+    with pytest.raises(ValueError, match="ep_backend: 'nccl' cannot run with share_gpu=True"):
+        stress.run_stress_ranks(1, 2, ep_backend="nccl", share_gpu=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="share_gpu: True needs a CUDA device"):
+            stress.run_stress_ranks(1, 2, share_gpu=True)
+
+
+@pytest.mark.gpu
+def test_pressure_with_ranks_sharing_one_gpu(tmp_path):
+    """Two ranks as two processes on GPU 0, the buffers over symm through CUDA IPC."""
+    report = stress.run_stress_ranks(8, 2, profile="gpu", tolerance=LAYER_CONTRACT, workdir=tmp_path,
+                                     deadline_s=300, share_gpu=True,
+                                     env_vars={"TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"})
+    _assert_clean(report, 8)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch_sizes, experts", [(stress.GRAPH_BATCH_SIZES, stress.GRAPH_EXPERTS),
                                                   ((1, 64, 1024, 4096), 32)],

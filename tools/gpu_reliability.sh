@@ -33,6 +33,10 @@
 # COPIES (default GPUS / ranks) runs more copies than GPU sets, round robin: the iterations are
 # mostly CPU work (reference, checks, compiles), so several copies share one GPU, e.g.
 #     COPIES=8 ITERATIONS=800 tools/gpu_reliability.sh stress-ep1
+# MMA=fp16-l1 or fp16 runs them on exact products (`--mma`). SHARE_GPU=1 puts each copy's
+# ranks of stress-ep2/ep4 on one GPU (`--share-gpu`: processes on one device, the buffers over
+# symm through CUDA IPC), for a machine with fewer GPUs than ranks:
+#     SHARE_GPU=1 COPIES=4 tools/gpu_reliability.sh stress-ep4
 set -u
 
 STEP=${1:?usage: tools/gpu_reliability.sh STEP [OUT_DIR]}
@@ -41,6 +45,7 @@ ITERATIONS=${ITERATIONS:-1000}
 START=${START:-0}
 PROFILE=${PROFILE:-gpu}
 EP_BACKEND=${EP_BACKEND:-auto}
+MMA=${MMA:-fp8}   # the stress steps' --mma (fp16: exact products)
 FAULTS=mismatched_capacity,late_half,late_double,killed_counts,killed_dispatch,killed_combine
 [ "$EP_BACKEND" = symm ] && FAULTS=$FAULTS,killed_gather   # a peer dies while the others pull its rows
 mkdir -p "$OUT"
@@ -64,6 +69,10 @@ run() {   # run LIMIT_S COMMAND...: bounded, logged, status recorded
 chunks() {   # chunks RANKS ARGS...: `megamoe stress ARGS` in GPUS / RANKS copies side by side
     local ranks=$1
     shift
+    if [ "${SHARE_GPU:-0}" = 1 ] && [ "$ranks" -gt 1 ]; then
+        set -- "$@" --share-gpu   # the copy's ranks all on its one GPU
+        ranks=1
+    fi
     local sets=$(( ${GPUS:-$ranks} / ranks ))
     [ "$sets" -ge 1 ] || sets=1
     local copies=${COPIES:-$sets}
@@ -74,7 +83,7 @@ chunks() {   # chunks RANKS ARGS...: `megamoe stress ARGS` in GPUS / RANKS copie
         devices=$(seq -s, $((i % sets * ranks)) $((i % sets * ranks + ranks - 1)))
         echo "== $STEP-$i (GPUs $devices): stress $* --start $((START + i * per)) --iterations $per" \
             | tee "$OUT/$STEP-$i.log"
-        CUDA_VISIBLE_DEVICES=$devices timeout --signal=KILL 570 $MEGAMOE stress "$@" --profile "$PROFILE" \
+        CUDA_VISIBLE_DEVICES=$devices timeout --signal=KILL 570 $MEGAMOE stress "$@" --profile "$PROFILE" --mma "$MMA" \
             --start $((START + i * per)) --iterations "$per" --json "$OUT/$STEP-$i.json" >> "$OUT/$STEP-$i.log" 2>&1 &
         pids+=($!)
     done

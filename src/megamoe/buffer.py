@@ -258,10 +258,14 @@ class MegaMoEBuffer:
     intermediate_sf:      "ue8m0" (power-of-two scales per 32 of I) or "fp32" scales.
     mma:                  the tensor cores of the fp8xfp4 GEMMs. "fp8" (default): FP8 MMAs,
                           whose sums inside one MMA are truncated on Hopper: layer errors of
-                          2-3e-3 on the benchmark shapes, rare small cases past 1e-2
-                          (docs/RELIABILITY.md, finding 6). "fp16": the same FP8 operands
-                          converted exactly to FP16, exact products and FP32 sums: errors of
-                          0-1.5e-4 there, 1.24-1.48x the time (H200, docs/PERF.md).
+                          2-4e-3 on the benchmark shapes, but a few tokens in a thousand
+                          stray past 1e-2, so a batch whose norm sits in such a token breaks
+                          the contract (docs/RELIABILITY.md, finding 6). "fp16-l1": L1 on
+                          the same FP8 operands converted exactly to FP16 (exact products,
+                          FP32 sums), L2 on FP8 MMAs: every token within 6.5e-3 there, at
+                          1.10-1.78x the time (H200, 2026-12-03; prefill pays the most, the
+                          Gluon prefill kernels being FP8 only). "fp16": both GEMMs exact,
+                          1.14-2.16x.
     device:               where to allocate; default: the current CUDA device, else the CPU.
                           With a group, the collectives run on tensors of this device.
 

@@ -28,7 +28,7 @@ from .kernels.launch import pdl_options
 from .kernels import prefill_wgmma
 from .kernels.plan import plan
 from .kernels.rebase import rebase_rows
-from .reference import apply_activation, requantize_intermediate
+from .reference import apply_activation, exact_products, requantize_intermediate
 from .weights import ExpertWeights
 
 
@@ -228,7 +228,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         rebase_rows(a, a_scales, dst, dst_scales, num_entries if gathered else num_entries // entries_per_row,
                     hidden, count=buf.expert_offsets[experts:] if gathered else None)
         a, a_scales = dst, dst_scales
-        if prefill_wgmma.supported(buf, gathered=gathered, persistent=persistent, remote=False):
+        if prefill_wgmma.supported(buf, "l1", gathered=gathered, persistent=persistent, remote=False):
             prefill_wgmma.launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts,
                                     pdl_options(buf.device))
             return
@@ -248,7 +248,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
             INTER_SF_FP32=buf.intermediate_sf == "fp32",
             HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", GATHERED=gathered,
             BLOCK_M=part.block_m, BLOCK_N=part.block_n, BLOCK_E=triton.next_power_of_2(experts),
-            BLOCK_K=part.block_k, UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16",
+            BLOCK_K=part.block_k, UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=exact_products(buf.mma, "l1"),
             A_PER_STEP=a_per_step, FMA_AHEAD=fma_ahead(part), FMA_SPLIT=part.k_split, ROWS_ABOVE=rows_above,
             ROWS_UP_TO=rows_up_to,
             num_warps=part.num_warps, num_stages=part.num_stages,
@@ -298,7 +298,7 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
     if a_per_step:
         rebase_rows(buf.inter, buf.inter_scales, buf.inter, buf.inter_scales, num_entries, inter,
                     count=buf.expert_offsets[experts:])
-        if prefill_wgmma.supported(buf, gathered=gathered, persistent=persistent, remote=remote is not None):
+        if prefill_wgmma.supported(buf, "l2", gathered=gathered, persistent=persistent, remote=remote is not None):
             prefill_wgmma.launch_l2(buf, num_entries, route_weights, out, l2, pdl_options(buf.device))
             return
     w_sf = l2.w_sf if quantized else placeholder
@@ -316,7 +316,7 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
         kwargs = dict(
             QUANTIZED=quantized, HAS_BIAS=l2.bias is not None, GATHERED=gathered, REMOTE_OUT=remote is not None,
             BLOCK_M=part.block_m, BLOCK_N=part.block_n, BLOCK_E=triton.next_power_of_2(experts),
-            BLOCK_K=part.block_k, UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=buf.mma == "fp16",
+            BLOCK_K=part.block_k, UPCAST=_upcast(), WIDE_SCALES=wide, F16_MMA=exact_products(buf.mma, "l2"),
             A_PER_STEP=a_per_step, FMA_AHEAD=fma_ahead(part), FMA_SPLIT=part.k_split, ROWS_ABOVE=rows_above,
             ROWS_UP_TO=rows_up_to,
             num_warps=part.num_warps, num_stages=part.num_stages,

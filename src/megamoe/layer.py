@@ -340,8 +340,9 @@ class MegaMoELayer(nn.Module):
                      uint8 [E, 2I, H/32]) used as it is.
     l2_weights:      expert L2: float [E, H, I], or the MXFP4 pair (uint8 [E, H, I/2], uint8 [E, H, I/32]).
     mode:            "fp8xfp4" (FP8 activations x MXFP4 weights) or "bf16xbf16".
-    mma:             fp8xfp4's tensor cores: "fp8" (default) or "fp16" (exact products, slower;
-                     see MegaMoEBuffer).
+    mma:             fp8xfp4's tensor cores: "fp8" (default), "fp16-l1" (exact products in L1,
+                     which keeps every token within the contract) or "fp16" (exact products in
+                     both GEMMs); the exact ones are slower (see MegaMoEBuffer).
     l1_bias:         None or float [E, 2I] (gate then up); l2_bias: None or float [E, H]. Kept in FP32.
     activation:      "swiglu" or "gpt_oss"; activation_clamp: None or c > 0 (gpt-oss: 7.0).
     shared_experts:  None or a module [..., H] -> [..., H], run on the layer's input and added

@@ -26,7 +26,13 @@ from . import formats
 
 MODES = ("fp8xfp4", "bf16xbf16")
 INTERMEDIATE_SF = ("ue8m0", "fp32")
-MMAS = ("fp8", "fp16")
+MMAS = ("fp8", "fp16-l1", "fp16")
+"""MegaMoEBuffer(mma=...): FP8 MMAs in both GEMMs, exact products (FP16 MMAs) in L1 only, or in both."""
+
+
+def exact_products(mma: str, gemm: str) -> bool:
+    """Whether GEMM "l1" or "l2" of a buffer with `mma` multiplies on FP16 MMAs (exact products)."""
+    return mma == "fp16" or (mma == "fp16-l1" and gemm == "l1")
 ACTIVATIONS = ("swiglu", "gpt_oss")
 GPT_OSS_ALPHA = 1.702
 """gpt-oss's gate slope: act = gate * sigmoid(1.702 * gate) * (up + 1)."""

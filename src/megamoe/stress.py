@@ -704,23 +704,41 @@ def run_stress(iterations: int, *, seed: int = 0, start: int = 0, profile: str =
 
 
 def _stress_rank(rank, num_ranks, group, iterations, kwargs):
-    device = torch.device("cuda", rank) if kwargs.pop("device_type") == "cuda" else torch.device("cpu")
+    if kwargs.pop("device_type") == "cuda":
+        device = torch.device("cuda", 0 if kwargs.pop("share_gpu") else rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        kwargs.pop("share_gpu")
     return run_stress(iterations, group=group, device=device, **kwargs).to_dict()
 
 
 def run_stress_ranks(iterations: int, num_ranks: int, *, seed: int = 0, start: int = 0, profile: str = "cpu",
                      backend: str = "gloo", tolerance: float = CONTRACT_RELATIVE_ERROR, block_len: int = 4,
                      workdir: str | Path | None = None, deadline_s: float = 3600.0,
-                     env_vars: dict | None = None, ep_backend: str = "auto", mma: str = "fp8") -> StressReport:
+                     env_vars: dict | None = None, ep_backend: str = "auto", mma: str = "fp8",
+                     share_gpu: bool = False) -> StressReport:
     """`run_stress` on `num_ranks` spawned ranks (EP = R): gloo on the CPU, nccl on R GPUs.
 
     ep_backend: the buffers' backend ("auto", "nccl" or "symm"; on the CPU symm needs
     TRITON_INTERPRET=1 in env_vars).
+    share_gpu: every rank on GPU 0 instead (one process each, the group over gloo, the buffers
+    over symm: CUDA IPC mappings of one device stand in for NVLink). It runs the EP protocol and
+    the same kernels on a one-GPU machine; NCCL refuses two ranks on one device, so the nccl
+    buffer backend cannot run this way.
 
     Returns the merged report; a rank that died or hung is recorded as a failure.
     """
+    if share_gpu:
+        if ep_backend == "nccl":
+            raise ValueError("ep_backend: 'nccl' cannot run with share_gpu=True (NCCL refuses two ranks on one "
+                             "device); use 'symm' or 'auto'")
+        if not torch.cuda.is_available():
+            raise ValueError("share_gpu: True needs a CUDA device")
+        backend = "gloo"
     kwargs = dict(seed=seed, start=start, profile=profile, tolerance=tolerance, block_len=block_len,
-                  device_type="cuda" if backend == "nccl" else "cpu", ep_backend=ep_backend, mma=mma)
+                  device_type="cuda" if backend == "nccl" or share_gpu else "cpu", ep_backend=ep_backend, mma=mma,
+                  share_gpu=share_gpu)
     with _workdir(workdir) as wd:
         outcomes = spawn_ranks(_stress_rank, num_ranks, iterations, kwargs, workdir=wd, backend=backend,
                                env_vars=env_vars, deadline_s=deadline_s)
@@ -1283,6 +1301,9 @@ def add_cli_arguments(p) -> None:
     p.add_argument("--ep-backend", choices=("auto", "symm", "nccl"), default="auto",
                    help="buffer backend with --ranks > 1 (default auto: symm on GPUs of one node, nccl on the CPU; "
                         "symm on the CPU needs TRITON_INTERPRET=1)")
+    p.add_argument("--share-gpu", action="store_true",
+                   help="with --ranks > 1 on a CUDA machine: every rank on GPU 0 (gloo group, symm buffers over "
+                        "CUDA IPC), for one-GPU machines")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--mma", choices=MMAS, default="fp8",
                    help="MegaMoEBuffer(mma=...) of the fp8xfp4 cases (default fp8; fp16: exact products)")
@@ -1331,6 +1352,8 @@ def run_cli(args) -> int:
     backend = "nccl" if use_cuda else "gloo"
     # DESIGN.md section 8: NVLink multicast stays off.
     nccl_env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"} if use_cuda else None
+    if args.share_gpu and (args.ranks < 2 or not use_cuda or args.faults or args.graphs or args.large):
+        raise ValueError("--share-gpu: only for the pressure test with --ranks > 1 on a CUDA device")
     if args.faults:
         report = run_faults(max(args.ranks, 2), [s for s in args.scenarios.split(",") if s], backend=backend,
                             timeout_s=args.timeout, tolerance=args.tolerance, env_vars=nccl_env,
@@ -1358,7 +1381,8 @@ def run_cli(args) -> int:
     else:
         profile = args.profile or ("gpu" if use_cuda else "cpu")
         print(f"megamoe stress: {args.iterations} iterations from {args.start}, seed {args.seed}, profile {profile}, "
-              f"{args.ranks} rank(s){f' ({args.ep_backend} backend)' if args.ranks > 1 else ''}, mma {args.mma}, "
+              f"{args.ranks} rank(s){f' ({args.ep_backend} backend)' if args.ranks > 1 else ''}"
+              f"{' sharing GPU 0' if args.share_gpu else ''}, mma {args.mma}, "
               f"{'CUDA' if use_cuda else 'CPU'} "
               f"({'Triton interpreter' if env.triton_interpret() else 'kernels' if use_cuda else 'plain torch'})")
         every = max(1, args.iterations // 20)
@@ -1371,7 +1395,7 @@ def run_cli(args) -> int:
             report = run_stress_ranks(args.iterations, args.ranks, seed=args.seed, start=args.start, profile=profile,
                                       backend=backend, tolerance=args.tolerance, block_len=args.block_len,
                                       env_vars=nccl_env, deadline_s=args.deadline, ep_backend=args.ep_backend,
-                                      mma=args.mma)
+                                      mma=args.mma, share_gpu=args.share_gpu)
         else:
             report = run_stress(args.iterations, seed=args.seed, start=args.start, profile=profile,
                                 device=args.device, tolerance=args.tolerance, block_len=args.block_len,

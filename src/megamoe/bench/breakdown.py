@@ -4,7 +4,7 @@ Times CUDA-graph replays of growing prefixes of the call (pre_dispatch; + plan; 
 + combine) over rotating input sets and reports each stage as the difference, per config
 variant. This is METHOD.md's "time variants that leave one stage out".
 
-    python -m megamoe.bench.breakdown --shape v4-flash --tokens 1,64 --variants default,m16n32 [--mma fp16]
+    python -m megamoe.bench.breakdown --shape v4-flash --tokens 1,64 --variants default,m16n32 [--mma fp16-l1]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..experts import ExpertOptions
 from ..kernels.config import GemmConfig, force_config
 from ..kernels.pre_dispatch import pre_dispatch
 from ..testing import MODEL_SHAPES, make_problem, make_routing, relative_error
-from ..reference import mega_moe_reference
+from ..reference import MMAS, mega_moe_reference
 from ..weights import transform_weights
 from .timing import time_graph
 
@@ -105,7 +105,7 @@ def main(argv=None):
     parser.add_argument("--shape", default="v4-flash")
     parser.add_argument("--tokens", default="1,64")
     parser.add_argument("--variants", default="default")
-    parser.add_argument("--mma", default="fp8", help="MegaMoEBuffer(mma=...): fp8 or fp16")
+    parser.add_argument("--mma", default="fp8", choices=MMAS, help="MegaMoEBuffer(mma=...)")
     args = parser.parse_args(argv)
     print(HEADER, flush=True)
     rows = breakdown(args.shape, [int(t) for t in args.tokens.split(",")], args.variants.split(","),

@@ -6,7 +6,10 @@ offsets on every rank), so a peer's region is its base address + the region's of
 a pointer. On CUDA the allocation comes from torch.distributed._symmetric_memory (peers' memory
 mapped over NVLink); on the CPU (tests, under TRITON_INTERPRET=1) from files in /dev/shm that
 every rank maps, which runs the same kernels and the same protocol across processes (a host
-clock, `InterpreterClock`, stands in for %globaltimer there).
+clock, `InterpreterClock`, stands in for %globaltimer there). Ranks that share one GPU (a
+test set-up for one-GPU machines: `megamoe stress --share-gpu`) map each other's plain CUDA
+allocations through CUDA IPC instead, since torch's symmetric memory takes one rank a device;
+their kernels take turns on the GPU (time slices), so a barrier may wait a slice for a peer.
 
 One call, rank r of R, every step a kernel on r's stream, no host synchronisation:
 
@@ -44,9 +47,12 @@ that timed out is not valid, and the buffer is unusable afterwards (peers may be
 from __future__ import annotations
 
 import os
+import pickle
+import socket
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -73,6 +79,7 @@ ERR_TIMEOUT: tl.constexpr = tl.constexpr(1)   # the rank did not arrive within t
 ERR_ABORTED: tl.constexpr = tl.constexpr(2)   # the rank gave up on this call (its own wait failed)
 
 CLOCK_PERIOD_S = 0.001
+IPC_HANDLE_BYTES = 4096   # room for one pickled CUDA IPC handle (ranks sharing a GPU)
 
 GATHER_PROGRAMS_PER_SM = 8
 CPU_GATHER_PROGRAMS = 8
@@ -208,7 +215,9 @@ class SymmetricStorage:
 
     def __init__(self, nbytes: int, group, rank: int, num_ranks: int, device: torch.device):
         self._keep = []
-        if device.type == "cuda":
+        if device.type == "cuda" and _ranks_share_a_device(group, rank, num_ranks, device):
+            addresses = self._map_ipc(nbytes, group, rank, num_ranks, device)
+        elif device.type == "cuda":
             from torch.distributed import _symmetric_memory as symm_mem
 
             self.storage = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
@@ -228,6 +237,33 @@ class SymmetricStorage:
         # The gather kernel loads rows 16 bytes at a time from these bases (it is told so).
         assert all(a % 16 == 0 for a in addresses), [hex(a) for a in addresses]
         self.peer_ptrs = torch.tensor(addresses, dtype=torch.int64, device=device)
+
+    def _map_ipc(self, nbytes, group, rank, num_ranks, device) -> list[int]:
+        # torch.multiprocessing's CUDA sharing: the allocation's IPC handle (and the reference
+        # count that keeps it alive while peers map it) travels as pickled bytes in a fixed-size
+        # tensor, so one bounded all_gather carries every rank's.
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
+
+        self.storage = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        rebuild, args = reduce_tensor(self.storage)
+        assert rebuild is rebuild_cuda_tensor, rebuild
+        blob = pickle.dumps(args)
+        assert len(blob) <= IPC_HANDLE_BYTES - 8, len(blob)
+        mine = torch.zeros(IPC_HANDLE_BYTES, dtype=torch.uint8)
+        mine[:8] = torch.tensor([len(blob)], dtype=torch.int64).view(torch.uint8)
+        mine[8:8 + len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        blobs = [torch.empty_like(mine) for _ in range(num_ranks)]
+        wait_for(dist.all_gather(blobs, mine, group=group, async_op=True),
+                 f"MegaMoEBuffer (rank {rank}): all_gather of the CUDA IPC handles")
+        peers = []
+        for p, b in enumerate(blobs):
+            if p == rank:
+                peers.append(self.storage)
+            else:
+                size = int(b[:8].view(torch.int64))
+                peers.append(rebuild_cuda_tensor(*pickle.loads(b[8:8 + size].numpy().tobytes())))
+        self._keep.extend(peers)
+        return [t.data_ptr() for t in peers]
 
     def _map_shared_files(self, nbytes, group, rank, num_ranks) -> list[int]:
         if not env.triton_interpret():
@@ -250,6 +286,17 @@ class SymmetricStorage:
         os.unlink(path)  # every rank has mapped it; the mappings outlive the name
         self._keep.extend(peers)
         return [t.data_ptr() for t in peers]
+
+
+def _ranks_share_a_device(group, rank: int, num_ranks: int, device: torch.device) -> bool:
+    """Whether two ranks of the group run on one physical GPU (same host, same device UUID)."""
+    ident = f"{socket.gethostname()}/{torch.cuda.get_device_properties(device).uuid}"
+    mine = torch.tensor([zlib.crc32(ident.encode())], dtype=torch.int64,
+                        device=device if dist.get_backend(group) == "nccl" else "cpu")
+    gathered = [torch.empty_like(mine) for _ in range(num_ranks)]
+    wait_for(dist.all_gather(gathered, mine, group=group, async_op=True),
+             f"MegaMoEBuffer (rank {rank}): all_gather of the ranks' devices")
+    return len({int(g) for g in gathered}) < num_ranks
 
 
 def _barrier(group, rank: int, what: str) -> None:

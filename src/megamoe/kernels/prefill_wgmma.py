@@ -52,6 +52,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_
 
 from .. import env
 from ..formats import E2M1_VALUES
+from ..reference import exact_products
 from .common import after_predecessor, quantize_groups_fp32, quantize_groups_ue8m0, round_to_bf16, ue8m0_to_fp32
 
 NUM_WARPS = 4
@@ -107,10 +108,11 @@ def fold_table(device: torch.device) -> torch.Tensor:
     return values.to(torch.float8_e4m3fn).view(torch.uint8).contiguous().view(torch.int32).to(device)
 
 
-def supported(buf, *, gathered: bool, persistent: bool, remote: bool) -> bool:
-    """Whether a prefill GEMM of `buf` (wide tiles on rebased rows) runs these kernels (module
-    docstring). Any H and I (multiples of 32): the last program's rows past them are masked."""
-    return (env.wgmma() and buf.mode == "fp8xfp4" and buf.mma == "fp8" and buf.device.type == "cuda"
+def supported(buf, gemm: str, *, gathered: bool, persistent: bool, remote: bool) -> bool:
+    """Whether prefill GEMM `gemm` ("l1" or "l2") of `buf` (wide tiles on rebased rows) runs these
+    kernels (module docstring): FP8 MMAs only. Any H and I (multiples of 32): the last program's
+    rows past them are masked."""
+    return (env.wgmma() and buf.mode == "fp8xfp4" and not exact_products(buf.mma, gemm) and buf.device.type == "cuda"
             and not env.triton_interpret() and not gathered and not persistent and not remote
             and _is_sm90(buf.device.index or 0))
 
