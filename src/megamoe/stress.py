@@ -704,12 +704,12 @@ def run_stress(iterations: int, *, seed: int = 0, start: int = 0, profile: str =
 
 
 def _stress_rank(rank, num_ranks, group, iterations, kwargs):
+    share_gpu = kwargs.pop("share_gpu")
     if kwargs.pop("device_type") == "cuda":
-        device = torch.device("cuda", 0 if kwargs.pop("share_gpu") else rank)
+        device = torch.device("cuda", 0 if share_gpu else rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        kwargs.pop("share_gpu")
     return run_stress(iterations, group=group, device=device, **kwargs).to_dict()
 
 
