@@ -45,7 +45,7 @@ ITERATIONS=${ITERATIONS:-1000}
 START=${START:-0}
 PROFILE=${PROFILE:-gpu}
 EP_BACKEND=${EP_BACKEND:-auto}
-MMA=${MMA:-fp8}   # the stress steps' --mma (fp16: exact products)
+MMA=${MMA:-fp8}   # the stress steps' --mma (fp16-l1, fp16: exact products)
 FAULTS=mismatched_capacity,late_half,late_double,killed_counts,killed_dispatch,killed_combine
 [ "$EP_BACKEND" = symm ] && FAULTS=$FAULTS,killed_gather   # a peer dies while the others pull its rows
 mkdir -p "$OUT"

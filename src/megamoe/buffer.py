@@ -294,14 +294,14 @@ class MegaMoEBuffer:
                 raise ValueError(f"backend: {backend!r} needs a process group; group=None runs one rank "
                                  "without communication (backend='auto')")
             self.rank, self.num_ranks = 0, 1
-            one_cuda_node = False
+            one_cuda_node = shared_device = False
         else:
             if not isinstance(group, dist.ProcessGroup):
                 raise TypeError(f"group: expected None or a torch.distributed.ProcessGroup, got {type(group).__name__}")
             self.rank, self.num_ranks = dist.get_rank(group), dist.get_world_size(group)
             if self.rank < 0:
                 raise ValueError("group: this process is not a member of the group")
-            one_cuda_node = _check_ranks_agree(group, self.rank, self.num_ranks, self.device, {
+            one_cuda_node, shared_device = _check_ranks_agree(group, self.rank, self.num_ranks, self.device, {
                 "num_experts": num_experts, "max_tokens_per_rank": max_tokens_per_rank, "num_topk": num_topk,
                 "hidden": hidden, "intermediate": intermediate, "mode": mode,
                 "intermediate_sf": intermediate_sf, "mma": mma, "backend": backend})
@@ -324,7 +324,7 @@ class MegaMoEBuffer:
         if resolved == "symm":
             from .comm.symm import SymmetricStorage
 
-            symmetric = SymmetricStorage(self.nbytes, group, self.rank, self.num_ranks, self.device)
+            symmetric = SymmetricStorage(self.nbytes, group, self.rank, self.num_ranks, self.device, shared_device)
             self._storage = symmetric.storage
         else:
             self._storage = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
@@ -444,25 +444,29 @@ def _decode_argument(name: str, code: int) -> str:
     return repr(choices[code]) if choices is not None else str(code)
 
 
-def _check_ranks_agree(group, rank: int, num_ranks: int, device: torch.device, arguments: dict) -> bool:
+def _check_ranks_agree(group, rank: int, num_ranks: int, device: torch.device,
+                       arguments: dict) -> tuple[bool, bool]:
     """All-gather the buffer's arguments over `group`; raise ValueError on every rank if any differ.
 
     Invalid values are gathered as a sentinel too, so every rank takes part in the collective and
     then raises the same error, instead of one rank raising and the others waiting for it.
     Returns whether every rank is a CUDA device of one node (same host name), which is what
-    backend="auto" needs to pick "symm"; that travels in the same gather.
+    backend="auto" needs to pick "symm", and whether two of those ranks share one GPU (same device
+    UUID: the symm backend then maps peers through CUDA IPC); both travel in the same gather.
     """
     from .comm.wait import wait_for
 
     names = list(arguments)
     codes = [_encode_argument(n, arguments[n]) for n in names]
-    codes += [zlib.crc32(socket.gethostname().encode()), int(device.type == "cuda")]
+    gpu = str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else ""
+    codes += [zlib.crc32(gpu.encode()), zlib.crc32(socket.gethostname().encode()), int(device.type == "cuda")]
     mine = torch.tensor(codes, dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(num_ranks)]
     work = dist.all_gather(gathered, mine, group=group, async_op=True)
     wait_for(work, f"MegaMoEBuffer (rank {rank}): the all_gather that compares the arguments of all ranks")
     table = torch.stack(gathered).tolist()
     one_cuda_node = len({row[-2] for row in table}) == 1 and all(row[-1] for row in table)
+    shared_device = one_cuda_node and len({row[-3] for row in table}) < num_ranks
     problems = []
     for column, name in enumerate(names):
         values = [row[column] for row in table]
@@ -472,7 +476,7 @@ def _check_ranks_agree(group, rank: int, num_ranks: int, device: torch.device, a
     if problems:
         raise ValueError("MegaMoEBuffer: the ranks of the group disagree on " + "; ".join(problems)
                          + f" (this is rank {rank}); every rank must pass the same arguments")
-    return one_cuda_node
+    return one_cuda_node, shared_device
 
 
 def describe_layout(regions: list[Region]) -> str:

@@ -48,11 +48,9 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable
 
 import torch
@@ -211,11 +209,14 @@ class SymmetricStorage:
 
     storage:   uint8 [nbytes] tensor of this rank (what MegaMoEBuffer views).
     peer_ptrs: int64 [R] tensor on the buffer's device: rank p's storage address as seen here.
+    shared_device: two ranks of the group run on this one GPU (MegaMoEBuffer's gather of the
+    ranks' arguments tells), so the peers are mapped through CUDA IPC.
     """
 
-    def __init__(self, nbytes: int, group, rank: int, num_ranks: int, device: torch.device):
+    def __init__(self, nbytes: int, group, rank: int, num_ranks: int, device: torch.device,
+                 shared_device: bool):
         self._keep = []
-        if device.type == "cuda" and _ranks_share_a_device(group, rank, num_ranks, device):
+        if shared_device:
             addresses = self._map_ipc(nbytes, group, rank, num_ranks, device)
         elif device.type == "cuda":
             from torch.distributed import _symmetric_memory as symm_mem
@@ -286,17 +287,6 @@ class SymmetricStorage:
         os.unlink(path)  # every rank has mapped it; the mappings outlive the name
         self._keep.extend(peers)
         return [t.data_ptr() for t in peers]
-
-
-def _ranks_share_a_device(group, rank: int, num_ranks: int, device: torch.device) -> bool:
-    """Whether two ranks of the group run on one physical GPU (same host, same device UUID)."""
-    ident = f"{socket.gethostname()}/{torch.cuda.get_device_properties(device).uuid}"
-    mine = torch.tensor([zlib.crc32(ident.encode())], dtype=torch.int64,
-                        device=device if dist.get_backend(group) == "nccl" else "cpu")
-    gathered = [torch.empty_like(mine) for _ in range(num_ranks)]
-    wait_for(dist.all_gather(gathered, mine, group=group, async_op=True),
-             f"MegaMoEBuffer (rank {rank}): all_gather of the ranks' devices")
-    return len({int(g) for g in gathered}) < num_ranks
 
 
 def _barrier(group, rank: int, what: str) -> None:
