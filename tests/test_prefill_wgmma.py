@@ -12,7 +12,7 @@ import megamoe
 from megamoe.kernels import prefill_wgmma
 from megamoe.testing import MODEL_SHAPES, MoEShape, make_problem, relative_error
 
-from tolerances import LAYER_KERNEL_VS_REFERENCE
+from tolerances import LAYER_EXACT_PRODUCTS, LAYER_KERNEL_VS_REFERENCE
 
 pytestmark = pytest.mark.gpu
 
@@ -29,7 +29,7 @@ def _run(p, shape, tokens, monkeypatch, wgmma: bool, **kwargs):
         monkeypatch.setattr(prefill_wgmma, name,
                             lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
     buf = megamoe.MegaMoEBuffer(shape.num_experts, tokens, shape.num_topk, shape.hidden, shape.intermediate,
-                                intermediate_sf=kwargs.pop("intermediate_sf", "ue8m0"))
+                                intermediate_sf=kwargs.pop("intermediate_sf", "ue8m0"), mma=kwargs.pop("mma", "fp8"))
     l1, l2 = megamoe.transform_weights(p.l1, p.l2, l1_bias=kwargs.pop("l1_bias", None),
                                        l2_bias=kwargs.pop("l2_bias", None))
     megamoe.pre_dispatch(p.x, p.topk_idx, p.topk_weights, buf)
@@ -68,6 +68,31 @@ def test_prefill_kernels_match_reference_and_triton_tiles(shape, tokens, experts
     assert err <= 2 * err_triton + 1e-3, (err, err_triton)
 
 
+@pytest.mark.parametrize("shape, tokens, experts, warps, mma", [
+    (TAIL, 1024, None, 4, "fp16"), (TAIL, 1024, None, 8, "fp16"),
+    (MODEL_SHAPES["v4-flash"], 1024, 16, 4, "fp16"), (MODEL_SHAPES["v4-flash"], 1024, 16, 4, "fp16-l1"),
+    (MODEL_SHAPES["gpt-oss-120b"], 1024, 16, 4, "fp16"), (MODEL_SHAPES["gpt-oss-120b"], 1024, 16, 8, "fp16-l1")])
+def test_exact_products_kernels_match_reference_and_triton_tiles(shape, tokens, experts, warps, mma, monkeypatch):
+    """The exact-products kernels (`_gemm_t`: FP16 weights and activations on the FP16 tensor
+    cores; 4 or 8 warps, 64 or 128 tokens a tile): with both GEMMs exact only FP32 summation
+    order separates them from float64; with L1 exact (fp16-l1) and L2 on FP8 MMAs, they stay as
+    close as the Triton tiles in the same mode. TAIL's and gpt-oss's H and I leave the last
+    program's 128 weight rows partly past the end (masked)."""
+    monkeypatch.setattr(prefill_wgmma, "EXACT_WARPS", warps)
+    p = make_problem(shape, tokens, device="cuda", masked_ratio=0.1, seed=tokens + warps, num_experts=experts)
+    shape = MoEShape(shape.name, experts or shape.num_experts, shape.num_topk, shape.hidden, shape.intermediate)
+    y, calls = _run(p, shape, tokens, monkeypatch, True, mma=mma)
+    assert calls == ["launch_l1", "launch_l2"], "the prefill tiles did not take the Gluon kernels"
+    y_triton, calls = _run(p, shape, tokens, monkeypatch, False, mma=mma)
+    assert calls == []
+    ref = _reference(p)
+    err, err_triton = relative_error(y, ref), relative_error(y_triton, ref)
+    if mma == "fp16":
+        assert err <= LAYER_EXACT_PRODUCTS and err_triton <= LAYER_EXACT_PRODUCTS, (err, err_triton)
+    else:
+        assert err <= LAYER_KERNEL_VS_REFERENCE and err <= 2 * err_triton + 1e-3, (err, err_triton)
+
+
 def test_bias_clamp_gpt_oss_activation_and_fp32_scales(monkeypatch):
     shape = MoEShape("gpt-oss-16", 16, 4, 2880, 2880)
     p = make_problem(shape, 512, device="cuda", masked_ratio=0.1, seed=3)
@@ -83,18 +108,23 @@ def test_bias_clamp_gpt_oss_activation_and_fp32_scales(monkeypatch):
         assert relative_error(y, ref) <= LAYER_KERNEL_VS_REFERENCE
 
 
-def test_weight_scales_far_apart_round_like_the_rebase(monkeypatch):
-    """Groups 20 binades below their step's largest: past the fold's exact range (14), their
-    values round to e4m3 (at most 2^-10 of the step's scale) and the layer stays in contract."""
+@pytest.mark.parametrize("mma, binades, tolerance", [("fp8", 20, LAYER_KERNEL_VS_REFERENCE),
+                                                      ("fp16", 20, LAYER_EXACT_PRODUCTS),
+                                                      ("fp16", 32, LAYER_EXACT_PRODUCTS)])
+def test_weight_scales_far_apart_round_like_the_rebase(mma, binades, tolerance, monkeypatch):
+    """Groups 20 binades below their step's largest: past the FP8 fold's exact range (14), their
+    values round to e4m3 (at most 2^-10 of the step's scale) and the layer stays in contract;
+    within the FP16 decode's (24), exact. 32 below: past that too, FP16 rounds them (subnormals,
+    at most 2^-25 of the step's scale)."""
     shape = MoEShape("spread", 8, 2, 512, 256)
     p = make_problem(shape, 1024, device="cuda", seed=5)
     g = torch.Generator(device="cuda").manual_seed(6)
     for w_q, w_sf in (p.l1, p.l2):
         far = torch.rand(w_sf.shape, device="cuda", generator=g) < 0.1
-        w_sf.copy_(torch.where(far, w_sf.int() - 20, w_sf.int()).clamp(1, 254).to(torch.uint8))
-    y, calls = _run(p, shape, 1024, monkeypatch, True)
+        w_sf.copy_(torch.where(far, w_sf.int() - binades, w_sf.int()).clamp(1, 254).to(torch.uint8))
+    y, calls = _run(p, shape, 1024, monkeypatch, True, mma=mma)
     assert calls == ["launch_l1", "launch_l2"]
-    assert relative_error(y, _reference(p)) <= LAYER_KERNEL_VS_REFERENCE
+    assert relative_error(y, _reference(p)) <= tolerance
 
 
 def test_fold_table_is_the_e2m1_values_scaled():

@@ -33,9 +33,9 @@
 # COPIES (default GPUS / ranks) runs more copies than GPU sets, round robin: the iterations are
 # mostly CPU work (reference, checks, compiles), so several copies share one GPU, e.g.
 #     COPIES=8 ITERATIONS=800 tools/gpu_reliability.sh stress-ep1
-# MMA=fp16-l1 or fp16 runs them on exact products (`--mma`). SHARE_GPU=1 puts each copy's
-# ranks of stress-ep2/ep4 on one GPU (`--share-gpu`: processes on one device, the buffers over
-# symm through CUDA IPC), for a machine with fewer GPUs than ranks:
+# MMA=fp16-l1 or fp16 runs them (and memcheck, racecheck) on exact products (`--mma`).
+# SHARE_GPU=1 puts each copy's ranks of stress-ep2/ep4 on one GPU (`--share-gpu`: processes on
+# one device, the buffers over symm through CUDA IPC), for a machine with fewer GPUs than ranks:
 #     SHARE_GPU=1 COPIES=4 tools/gpu_reliability.sh stress-ep4
 set -u
 
@@ -123,10 +123,12 @@ case "$STEP" in
         # tensors. (The buffer's regions share one allocation: an overrun from one region into the
         # next is invisible to it; the stress checks' results catch those.)
         run 570 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 99 \
-            --print-limit 50 $MEGAMOE stress --iterations "${SANITIZE_ITERATIONS:-6}" --profile "${SANITIZE_PROFILE:-tiny}" --device cuda ;;
+            --print-limit 50 $MEGAMOE stress --iterations "${SANITIZE_ITERATIONS:-6}" --profile "${SANITIZE_PROFILE:-tiny}" \
+            --mma "$MMA" --device cuda ;;
     racecheck)
         run 570 "$SANITIZER" --tool racecheck --racecheck-report all --error-exitcode 99 --print-limit 50 \
-            $MEGAMOE stress --iterations "${SANITIZE_ITERATIONS:-4}" --profile "${SANITIZE_PROFILE:-tiny}" --device cuda ;;
+            $MEGAMOE stress --iterations "${SANITIZE_ITERATIONS:-4}" --profile "${SANITIZE_PROFILE:-tiny}" --mma "$MMA" \
+            --device cuda ;;
     pytest) run 570 python -m pytest -q -m gpu tests/test_stress.py ;;
     *) echo "unknown step $STEP (see the header of $0)"; exit 2 ;;
 esac

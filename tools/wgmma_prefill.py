@@ -1,4 +1,4 @@
-"""Variants of the Gluon prefill GEMM core (`kernels/prefill_wgmma._gemm`) in isolation (GPU).
+"""Variants of the Gluon prefill GEMM cores (`kernels/prefill_wgmma._gemm`, `_gemm_t`) in isolation (GPU).
 
 Runs the layer's GEMM core on a precomputed tile table and stores the accumulator as bf16
 [N, rows] (no SwiGLU, no requant): warps a program (4: one warpgroup, 64 weight rows; 8: two,
@@ -14,8 +14,12 @@ step's weight scales with plain loads, a memory latency a step on the critical p
 (no barriers between the decode's stores, run 21): 2654 us, against the Triton L1 stage's 5480.
 2026-12-03 (runs 24-26): two warpgroups a program (8x...), gathered rows (g) and the
 warp-specialized core (w) were 1-2%, 2% and 8-13% slower than 4x128x4.
+Exact products (docs/bench/h200_2026-12-03/, runs 47-50, v4-flash L1 at 4096 tokens): FP16
+weights and activations both in shared memory (the activations converted from the FP8 ring each
+step) 4883-7629 us against FP8's 3210-3239 (runs 47-48, patches in versions/); `_gemm_t` (t:
+the activations as the register operand) 3256 us against 3233, L2 1750 against 1826 (run 50).
 
-    python tools/wgmma_prefill.py [--tokens 4096,8192] [--variants 4x128x4,4x128x4g,8x128x3]
+    python tools/wgmma_prefill.py [--tokens 4096,8192] [--variants 4x128x4,4x128x4g,8x128x3t]
 """
 
 from __future__ import annotations
@@ -33,14 +37,16 @@ from megamoe.weights import ExpertWeights
 def _gemm_kernel(a_ptr, as_ptr, src_ptr, w_ptr, ws_ptr, lut_ptr, out_ptr, tiles_ptr, num_rows, k_size,
                  stride_w_e, stride_w_tile, stride_ws_e, stride_ws_n,
                  WARPS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, GATHER: gl.constexpr,
-                 WS: gl.constexpr):
+                 WS: gl.constexpr, TRANSPOSED: gl.constexpr):
     """The layer's GEMM core (`prefill_wgmma._gemm`) on a precomputed tile table, storing the
     accumulator as bf16 [N, rows]: program (n, t) covers weight rows 16 WARPS n ... of tile t.
     GATHER: row i of the table reads activation row src[i] (as L1 reads token rows through
     the sorted-row index), else row i. WS: the warp-specialized core (`prefill_wgmma._gemm_ws`,
-    four more warps)."""
+    four more warps).
+    TRANSPOSED: `_gemm_t` (exact products, the activations as the register operand): program
+    (n, t) covers weight rows BLOCK_T n ... (BLOCK_T of them) and 16 WARPS rows of tile t."""
     BLOCK_W: gl.constexpr = 16 * WARPS
-    C: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_T, 32])
+    C: gl.constexpr = pw._accumulator_layout(WARPS, BLOCK_T, BLOCK_W, False)
     CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
     CP_S: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     CP_W: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
@@ -50,27 +56,42 @@ def _gemm_kernel(a_ptr, as_ptr, src_ptr, w_ptr, ws_ptr, lut_ptr, out_ptr, tiles_
     expert = gl.load(tiles_ptr + 3 * t).to(gl.int64)
     r0 = gl.load(tiles_ptr + 3 * t + 1)
     r1 = gl.load(tiles_ptr + 3 * t + 2)
-    if WS:
-        acc = pw._gemm_ws(a_ptr, k_size, as_ptr, 4 * gl.cdiv(k_size, 128), src_ptr, 1, r0, r1,
-                          w_ptr + expert * stride_w_e, stride_w_tile, ws_ptr + expert * stride_ws_e, stride_ws_n,
-                          n0, gl.num_programs(0) * BLOCK_W, lut_ptr, k_size, C, GATHER, False, BLOCK_T, STAGES)
+    if TRANSPOSED:
+        BW: gl.constexpr = BLOCK_T    # the variant's second number: weight rows (tokens: 16 WARPS)
+        CT: gl.constexpr = pw._accumulator_layout(WARPS, 16 * WARPS, BW, True)
+        nt = gl.program_id(0) * BW
+        ra = r0 + gl.arange(0, 16 * WARPS, layout=gl.SliceLayout(1, CP_A))
+        rs = r0 + gl.arange(0, 16 * WARPS, layout=CP_S)
+        acc_t = pw._gemm_t(a_ptr, k_size, as_ptr, 4 * gl.cdiv(k_size, 128), (ra, rs), (ra < r1, rs < r1),
+                           w_ptr + expert * stride_w_e, stride_w_tile, ws_ptr + expert * stride_ws_e, stride_ws_n,
+                           (nt + gl.arange(0, BW, layout=gl.SliceLayout(1, CP_W)),
+                            nt + gl.arange(0, BW, layout=gl.SliceLayout(1, CP_WS))), lut_ptr, k_size,
+                           CT, CP_A, CP_S, CP_W, CP_WS, WARPS, BW, STAGES)
+        tok_t = r0 + gl.arange(0, 16 * WARPS, layout=gl.SliceLayout(1, CT))
+        n_t = nt + gl.arange(0, BW, layout=gl.SliceLayout(0, CT))
+        out_t = out_ptr + n_t.to(gl.int64)[None, :] * num_rows + tok_t[:, None]
+        gl.store(out_t, acc_t.to(gl.bfloat16), mask=gl.broadcast((tok_t < r1)[:, None], out_t)[0])
     else:
-        ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
-        rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
-        src_a, src_s = ra, rs
-        if GATHER:
-            src_a = gl.load(src_ptr + ra, mask=ra < r1, other=0)
-            src_s = gl.load(src_ptr + rs, mask=rs < r1, other=0)
-        acc = pw._gemm(a_ptr, k_size, as_ptr, 4 * gl.cdiv(k_size, 128), (src_a, src_s), (ra < r1, rs < r1),
-                       w_ptr + expert * stride_w_e, stride_w_tile, ws_ptr + expert * stride_ws_e, stride_ws_n,
-                       (n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)),
-                        n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))), lut_ptr, k_size,
-                       C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
-    tok = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, C))
-    nc = n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, C))
-    out = out_ptr + nc.to(gl.int64)[:, None] * num_rows + tok[None, :]
-    gl.store(out, acc.to(gl.bfloat16), mask=gl.broadcast((tok < r1)[None, :], out)[0])
-
+        if WS:
+            acc = pw._gemm_ws(a_ptr, k_size, as_ptr, 4 * gl.cdiv(k_size, 128), src_ptr, 1, r0, r1,
+                              w_ptr + expert * stride_w_e, stride_w_tile, ws_ptr + expert * stride_ws_e, stride_ws_n,
+                              n0, gl.num_programs(0) * BLOCK_W, lut_ptr, k_size, C, GATHER, False, BLOCK_T, STAGES)
+        else:
+            ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
+            rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
+            src_a, src_s = ra, rs
+            if GATHER:
+                src_a = gl.load(src_ptr + ra, mask=ra < r1, other=0)
+                src_s = gl.load(src_ptr + rs, mask=rs < r1, other=0)
+            acc = pw._gemm(a_ptr, k_size, as_ptr, 4 * gl.cdiv(k_size, 128), (src_a, src_s), (ra < r1, rs < r1),
+                           w_ptr + expert * stride_w_e, stride_w_tile, ws_ptr + expert * stride_ws_e, stride_ws_n,
+                           (n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)),
+                            n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))), lut_ptr, k_size,
+                           C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
+        tok = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, C))
+        nc = n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, C))
+        out = out_ptr + nc.to(gl.int64)[:, None] * num_rows + tok[None, :]
+        gl.store(out, acc.to(gl.bfloat16), mask=gl.broadcast((tok < r1)[None, :], out)[0])
 
 class Problem:
     """One grouped GEMM: `experts` experts' MXFP4 [n, k] weights (kernel layout) times rows
@@ -111,12 +132,13 @@ class Problem:
         return torch.tensor(t, dtype=torch.int32, device=self.device).flatten()
 
     def run(self, warps: int, bt: int, stages: int, tiles: torch.Tensor, gather: bool = False,
-            ws: bool = False) -> None:
+            ws: bool = False, transposed: bool = False) -> None:
         extra = dict(maxnreg=pw.WS_MAXNREG) if ws else {}
-        _gemm_kernel[(self.n // (16 * warps), tiles.numel() // 3)](
+        _gemm_kernel[(self.n // (bt if transposed else 16 * warps), tiles.numel() // 3)](
             self.a8, self.a_sc, self.src, self.w, self.ws.view(torch.int32), self.lut, self.out, tiles, self.rows,
             self.k, self.w.stride(0), self.w.stride(1), self.ws.stride(0) // 2, self.ws.stride(1) // 2,
-            WARPS=warps, BLOCK_T=bt, STAGES=stages, GATHER=gather, WS=ws, num_warps=warps, **extra)
+            WARPS=warps, BLOCK_T=bt, STAGES=stages, GATHER=gather, WS=ws,
+            TRANSPOSED=transposed, num_warps=warps, **extra)
 
     def check(self, experts=(0, 1, 2, 3), gather: bool = False) -> float:
         ew = ExpertWeights("fp8xfp4", self.w, self.ws, self.experts, self.n, self.k)
@@ -136,14 +158,24 @@ class Problem:
         return 2.0 * self.rows * self.n * self.k
 
 
-VARIANTS = ["4x128x4", "4x128x4g", "4x128x4w", "4x128x4gw", "4x128x5w"]
-"""WARPSxBLOCK_TxSTAGES, then `g` for GATHER and `w` for WS (4 warps only)."""
+VARIANTS = ["4x128x4", "8x128x3t", "8x128x2t", "4x128x2t", "4x64x3t"]
+"""WARPSxBLOCK_TxSTAGES, then `g` for GATHER, `w` for WS (4 warps only) and `t` for TRANSPOSED
+(`_gemm_t`, exact products on the FP16 tensor cores: 16 WARPS tokens a tile, the second number
+its weight rows)."""
 
 
-def parse_variant(v: str) -> tuple:
-    flags = v[len(v.rstrip("gw")):]
-    w, bt, st = map(int, v.rstrip("gw").split("x"))
-    return w, bt, st, "g" in flags, "w" in flags
+def parse_variant(v: str) -> dict:
+    """Problem.run's keyword arguments of variant `v`, and `tile_rows`: the rows of a tile."""
+    flags = v[len(v.rstrip("gwt")):]
+    w, bt, st = map(int, v.rstrip("gwt").split("x"))
+    if "t" in flags and ("w" in flags or "g" in flags):
+        raise ValueError(f"variant {v}: `_gemm_t` runs neither warp-specialized nor on gathered rows here")
+    return dict(warps=w, bt=bt, stages=st, gather="g" in flags, ws="w" in flags, transposed="t" in flags,
+                tile_rows=16 * w if "t" in flags else bt)
+
+
+def _launch(pr, v: dict, tiles) -> None:
+    pr.run(v["warps"], v["bt"], v["stages"], tiles, v["gather"], v["ws"], v["transposed"])
 
 
 def main(argv=None) -> None:
@@ -157,30 +189,30 @@ def main(argv=None) -> None:
     variants = args.variants.split(",")
     device = torch.device("cuda")
     if args.once:
-        w, bt, st, gather, ws = parse_variant(variants[0])
+        v = parse_variant(variants[0])
         pr = Problem(256, 4096, 4096, int(args.tokens.split(",")[0]), 6, device)
-        pr.run(w, bt, st, pr.tiles(bt), gather, ws)
+        _launch(pr, v, pr.tiles(v["tile_rows"]))
         torch.cuda.synchronize()
         return
     from megamoe.bench.timing import time_graph
     small = Problem(8, 256, 512, 96, 6, device, spread_rows=0.05)
     for v in variants:
-        w, bt, st, gather, ws = parse_variant(v)
+        pv = parse_variant(v)
         small.out.zero_()
-        small.run(w, bt, st, small.tiles(bt), gather, ws)
-        err = small.check(range(8), gather)
+        _launch(small, pv, small.tiles(pv["tile_rows"]))
+        err = small.check(range(8), pv["gather"])
         print(f"check {v}: rel err against float64 {err:.2e}", flush=True)
     rows = []
     for tokens in map(int, args.tokens.split(",")):
         for name, n, k in (("v4-flash L1", 4096, 4096), ("v4-flash L2", 4096, 2048)):
             pr = Problem(256, n, k, tokens, 6, device)
             for v in variants:
-                w, bt, st, gather, ws = parse_variant(v)
-                tiles = pr.tiles(bt)
+                pv = parse_variant(v)
+                tiles = pr.tiles(pv["tile_rows"])
                 pr.out.zero_()
-                pr.run(w, bt, st, tiles, gather, ws)
-                err = pr.check(gather=gather)
-                us = time_graph([lambda: pr.run(w, bt, st, tiles, gather, ws)], replays=5, min_calls=3)
+                _launch(pr, pv, tiles)
+                err = pr.check(gather=pv["gather"])
+                us = time_graph([lambda: _launch(pr, pv, tiles)], replays=5, min_calls=3)
                 rows.append((name, tokens, v, us, pr.flops / us / 1e6, err))
                 print(f"{name} {tokens} {v}: {us:.1f} us, {pr.flops / us / 1e6:.0f} TFLOP/s, err {err:.2e}", flush=True)
             del pr

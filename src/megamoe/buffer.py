@@ -263,9 +263,8 @@ class MegaMoEBuffer:
                           the contract (docs/RELIABILITY.md, finding 6). "fp16-l1": L1 on
                           the same FP8 operands converted exactly to FP16 (exact products,
                           FP32 sums), L2 on FP8 MMAs: every token within 6.5e-3 there, at
-                          1.10-1.78x the time (H200, 2026-12-03; prefill pays the most, the
-                          Gluon prefill kernels being FP8 only). "fp16": both GEMMs exact,
-                          1.14-2.16x.
+                          1.01-1.02x the time at 4096 tokens and 1.10-1.27x at 64-1024 (H200,
+                          2026-12-03, docs/PERF.md v19). "fp16": both GEMMs exact.
     device:               where to allocate; default: the current CUDA device, else the CPU.
                           With a group, the collectives run on tensors of this device.
 

@@ -228,7 +228,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         rebase_rows(a, a_scales, dst, dst_scales, num_entries if gathered else num_entries // entries_per_row,
                     hidden, count=buf.expert_offsets[experts:] if gathered else None)
         a, a_scales = dst, dst_scales
-        if prefill_wgmma.supported(buf, "l1", gathered=gathered, persistent=persistent, remote=False):
+        if prefill_wgmma.supported(buf, gathered=gathered, persistent=persistent, remote=False):
             prefill_wgmma.launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts,
                                     pdl_options(buf.device))
             return
@@ -298,7 +298,7 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
     if a_per_step:
         rebase_rows(buf.inter, buf.inter_scales, buf.inter, buf.inter_scales, num_entries, inter,
                     count=buf.expert_offsets[experts:])
-        if prefill_wgmma.supported(buf, "l2", gathered=gathered, persistent=persistent, remote=remote is not None):
+        if prefill_wgmma.supported(buf, gathered=gathered, persistent=persistent, remote=remote is not None):
             prefill_wgmma.launch_l2(buf, num_entries, route_weights, out, l2, pdl_options(buf.device))
             return
     w_sf = l2.w_sf if quantized else placeholder

@@ -32,11 +32,21 @@ they stay as switches for the next attempts. Folding each row over all of K inst
 (one promotion FMA an element) was slower too (v18, 2026-12-03; a patch in docs/bench). Any H
 and I (multiples of 32): the last program's rows past them are clamped and masked.
 
-Used for the prefill tiles (`config.is_wide`) of the FP8 x MXFP4 mode with FP8 MMAs on sm_90
-when the rows are not gathered and the output is local (EP = 1 and the nccl backend):
-`supported`. MEGAMOE_WGMMA=0 keeps the Triton tiles (A/B runs). Gluon kernels do not run under
-the Triton interpreter: the CPU tests cover the Triton tiles, the GPU tests these
-(tests/test_gpu.py).
+Exact products (`exact_products(buf.mma, gemm)`: L1 with mma="fp16-l1", both GEMMs with "fp16")
+run `_gemm_t`: the same rings and decode, but the weights decode to FP16 (F16_PTX: the e2m1 bits
+placed in an FP16, then one f16x2 multiply by the group's 2^(15 - d): exact down to 24 binades
+below the step's largest group) and the roles of the operands swap. The activation rows (16
+WARPS tokens, the wgmma's M side) go from the FP8 ring into registers as FP16, the register
+operand of FP16 wgmma; the decoded weights (128 rows, the N side) are the shared operand. The
+accumulator is [tokens, weight rows]; transposed, the epilogues are the FP8 kernels'. Measured
+(H200, 2026-12-03, same run, v4-flash at 4096 tokens, docs/PERF.md v19): the core's L1 3256 us
+against FP8's 3233, L2 1750 against 1826; in the layer, fp16-l1 5214 us against fp8 5123.
+
+Used for the prefill tiles (`config.is_wide`) of the FP8 x MXFP4 mode on sm_90 when the rows
+are not gathered and the output is local (EP = 1 and the nccl backend): `supported`.
+MEGAMOE_WGMMA=0 keeps the Triton tiles (A/B runs). Gluon kernels do not run under the Triton
+interpreter: the CPU tests cover the Triton tiles, the GPU tests these (tests/test_gpu.py,
+tests/test_prefill_wgmma.py).
 """
 
 from __future__ import annotations
@@ -63,9 +73,14 @@ ROWS_T = 128
 """Tokens a program, the wgmma's N side: at prefill an expert has about 100-200 rows, so most
 experts' weights are decoded once or twice (64 tokens: 30% slower, tools/wgmma_prefill.py)."""
 NUM_STAGES = 4
+EXACT_WARPS = 8
+EXACT_ROWS_W = 128
+EXACT_STAGES = 3
+"""The exact-products kernels (`_gemm_t`): warps a program (16 EXACT_WARPS tokens a row tile),
+weight rows a program (the wgmma's N side) and ring stages (docs/PERF.md, v19)."""
 WARP_SPECIALIZED = False
 """Run `_gemm_ws` (one MMA warpgroup, four copy/decode warps; NUM_WARPS must be 4) instead of
-`_gemm`."""
+`_gemm` (FP8 MMAs only; the exact-products kernels always run `_gemm_t`)."""
 WS_MAXNREG = 128
 """Registers a thread of a warp-specialized program (8 warps): two programs an SM."""
 TABLE_ROWS = 24
@@ -97,6 +112,31 @@ magnitude (3 bits) is looked up in its group's table words (low nibbles: $3, $4;
 t | t >> 4 puts magnitudes i and i + 1 in one byte, so bytes 0 and 2 of it are the four
 selector nibbles of `prmt`; the sign (bit 3 or 7 of each code) is or-ed in."""
 
+# One output word of F16_PTX: two codes of `src` (the nibble at bit `shift` of each half's low
+# byte: 0 the low nibble, 4 the high) to two FP16 values times `multiplier`.
+_F16_PAIR_PTX = """
+        shl.b32 t, {src}, {magnitude_shift};
+        and.b32 t, t, 0x0E000E00;
+        shl.b32 u, {src}, {sign_shift};
+        and.b32 u, u, 0x80008000;
+        or.b32 t, t, u;
+        mul.rn.f16x2 {out}, t, {multiplier};"""
+F16_PTX = gl.constexpr("""{
+        .reg .b32 x, y, t, u, z;
+        mov.b32 z, 0;
+        prmt.b32 x, $4, z, 0x4140;
+        prmt.b32 y, $4, z, 0x4342;""" + "".join(
+    _F16_PAIR_PTX.format(out=out, src=src, magnitude_shift=9 - shift, sign_shift=12 - shift, multiplier=mult)
+    for out, src, shift, mult in (("$0", "x", 0, "$5"), ("$1", "y", 0, "$5"), ("$2", "x", 4, "$6"),
+                                  ("$3", "y", 4, "$6"))) + """
+        }""")
+"""Four packed bytes ($4) -> FP16 pairs: the low nibbles of bytes 0-1 ($0) and 2-3 ($1), the
+high nibbles of bytes 0-1 ($2) and 2-3 ($3). `prmt` spreads two bytes to the two halves of a
+word; a code's magnitude bits go to FP16 bits 9-11 (the exponent's two low bits and the
+mantissa's top bit: the e2m1 value times 2^-14, code 1 a subnormal) and its sign to bit 15;
+then each pair is multiplied by its group's power of two ($5 low nibbles, $6 high: 2^(15 - d)
+as FP16 pairs, `_f16_multipliers`), exact while the result is an FP16 value."""
+
 
 @functools.cache
 def fold_table(device: torch.device) -> torch.Tensor:
@@ -108,11 +148,11 @@ def fold_table(device: torch.device) -> torch.Tensor:
     return values.to(torch.float8_e4m3fn).view(torch.uint8).contiguous().view(torch.int32).to(device)
 
 
-def supported(buf, gemm: str, *, gathered: bool, persistent: bool, remote: bool) -> bool:
-    """Whether prefill GEMM `gemm` ("l1" or "l2") of `buf` (wide tiles on rebased rows) runs these
-    kernels (module docstring): FP8 MMAs only. Any H and I (multiples of 32): the last program's
-    rows past them are masked."""
-    return (env.wgmma() and buf.mode == "fp8xfp4" and not exact_products(buf.mma, gemm) and buf.device.type == "cuda"
+def supported(buf, *, gathered: bool, persistent: bool, remote: bool) -> bool:
+    """Whether the prefill GEMMs of `buf` (wide tiles on rebased rows) run these kernels (module
+    docstring): FP8 MMAs on `_gemm`, exact products on `_gemm_t`. Any H and I (multiples of 32):
+    the last program's rows past them are masked."""
+    return (env.wgmma() and buf.mode == "fp8xfp4" and buf.device.type == "cuda"
             and not env.triton_interpret() and not gathered and not persistent and not remote
             and _is_sm90(buf.device.index or 0))
 
@@ -148,12 +188,42 @@ def _table_words(lut_ptr, top, e, like):
 
 
 @gluon.jit
-def _decode_step(w_words, d0, d1, d2, d3, ws_slot, lut_ptr, step, k_groups, RAW: gl.constexpr):
+def _f16_decode(raw, m_lo, m_hi):
+    """int32 words of packed bytes -> four int32 words of FP16 pairs (F16_PTX): low nibbles of
+    bytes 0-1 and 2-3, high nibbles of bytes 0-1 and 2-3."""
+    return gl.inline_asm_elementwise(
+        asm=F16_PTX, constraints="=r,=r,=r,=r,r,r,r", args=[raw, m_lo, m_hi],
+        dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+
+
+@gluon.jit
+def _f16_multipliers(top, e, like):
+    """The FP16 pair (2^(15 - d), 2^(15 - d)), d = top - e binades below the step's largest
+    group, broadcast along a row of `like`: normal up to d = 29, subnormal to 39, zero past it
+    (where every decoded value would round to zero anyway)."""
+    d = top - e
+    half = gl.where(d <= 29, (30 - d) << 10, gl.where(d < 40, 1 << gl.minimum(gl.maximum(39 - d, 0), 9), 0))
+    m, _ = gl.broadcast((half * 0x10001)[:, None], like)
+    return m
+
+
+@gluon.jit
+def _f16_group_words(lo, hi):
+    """[BW, 8] words of a group's FP16 pairs for bytes 0-1 (lo) and 2-3 (hi) of each packed
+    word -> the group's [BW, 16] words in K order."""
+    return gl.reshape(gl.join(lo, hi), [lo.shape[0], 2 * lo.shape[1]])
+
+
+@gluon.jit
+def _decode_step(w_words, d0, d1, d2, d3, ws_slot, lut_ptr, step, k_groups, RAW: gl.constexpr,
+                 EXACT: gl.constexpr):
     """Decode one step's packed bytes (int32 view [BW, 16] of a ring slot) into FP8 in shared
     memory (d0-d3: int32 views [BW, 8] of the four groups' [BW, 32] e4m3 tiles), each row's
     scales (ws_slot: the step's bf16 scales read as int32 [BW, 2]) folded in. Groups past K
     (k_groups of them are real) are left out of the step's largest exponent: their scales are
-    padding and their codes zero. Returns each row's largest group exponent (SliceLayout(1, RAW))."""
+    padding and their codes zero. Returns each row's largest group exponent (SliceLayout(1, RAW)).
+    EXACT: into FP16 tiles instead (d0-d3: int32 views [BW, 16] of [BW, 32] FP16 tiles), group
+    g decoding to value * 2^(1 - d): exact down to d = 24 binades below the step's largest."""
     # Word j of a row's step holds the bf16 scales of groups 2j (low half) and 2j + 1.
     w = ws_slot.load(RAW)
     j = gl.arange(0, 2, layout=gl.SliceLayout(0, RAW))[None, :]
@@ -170,16 +240,24 @@ def _decode_step(w_words, d0, d1, d2, d3, ws_slot, lut_ptr, step, k_groups, RAW:
     # shared-memory hazard analysis puts no barrier between the stores.
     raw0 = w_words.slice(0, 8, dim=1).load(RAW)
     raw1 = w_words.slice(8, 8, dim=1).load(RAW)
-    l0, l1 = _table_words(lut_ptr, top, e0, raw0)
-    h0, h1 = _table_words(lut_ptr, top, e1, raw0)
-    lo0, hi0 = _fold_decode(raw0, l0, l1, h0, h1)
-    l0, l1 = _table_words(lut_ptr, top, e2, raw1)
-    h0, h1 = _table_words(lut_ptr, top, e3, raw1)
-    lo1, hi1 = _fold_decode(raw1, l0, l1, h0, h1)
-    d0.store(lo0)
-    d1.store(hi0)
-    d2.store(lo1)
-    d3.store(hi1)
+    if EXACT:
+        a0, b0, a1, b1 = _f16_decode(raw0, _f16_multipliers(top, e0, raw0), _f16_multipliers(top, e1, raw0))
+        a2, b2, a3, b3 = _f16_decode(raw1, _f16_multipliers(top, e2, raw1), _f16_multipliers(top, e3, raw1))
+        d0.store(_f16_group_words(a0, b0))
+        d1.store(_f16_group_words(a1, b1))
+        d2.store(_f16_group_words(a2, b2))
+        d3.store(_f16_group_words(a3, b3))
+    else:
+        l0, l1 = _table_words(lut_ptr, top, e0, raw0)
+        h0, h1 = _table_words(lut_ptr, top, e1, raw0)
+        lo0, hi0 = _fold_decode(raw0, l0, l1, h0, h1)
+        l0, l1 = _table_words(lut_ptr, top, e2, raw1)
+        h0, h1 = _table_words(lut_ptr, top, e3, raw1)
+        lo1, hi1 = _fold_decode(raw1, l0, l1, h0, h1)
+        d0.store(lo0)
+        d1.store(hi0)
+        d2.store(lo1)
+        d3.store(hi1)
     return top
 
 
@@ -215,23 +293,33 @@ def _add(a, b):
 
 
 @gluon.jit
-def _allocate_rings(BLOCK_W: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
+def _allocate_rings(BLOCK_W: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, EXACT: gl.constexpr):
     """The cp.async rings (activation rows, their step scales, packed weight bytes, weight
     scales as int32 pairs) and the decoded weights, double-buffered: one [BLOCK_W, 32] tile per
-    group of a step."""
+    group of a step (FP16 when EXACT, else FP8)."""
     FP8_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    GROUP_SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
     PLAIN_2D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
     PLAIN_1D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     a_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_T, 128], FP8_SMEM)
     s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_T], PLAIN_1D)
     w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_W, 64], PLAIN_2D)
     ws_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_W, 2], PLAIN_2D)
-    dec0 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
-    dec1 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
-    dec2 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
-    dec3 = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_W, 32], GROUP_SMEM)
-    return a_ring, s_ring, w_ring, ws_ring, dec0, dec1, dec2, dec3
+    if EXACT:
+        decs = _group_tiles(gl.float16, BLOCK_W, 64)
+    else:
+        decs = _group_tiles(gl.float8e4nv, BLOCK_W, 32)
+    return a_ring, s_ring, w_ring, ws_ring, decs
+
+
+@gluon.jit
+def _group_tiles(dtype: gl.constexpr, ROWS: gl.constexpr, ROW_BYTES: gl.constexpr):
+    """Four double-buffered [ROWS, 32] wgmma operand tiles of `dtype` (ROW_BYTES a row, so
+    ROW_BYTES / 4 bits an element), one allocation per scale group of a step (so the compiler
+    puts no barrier between stores to different groups)."""
+    SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=ROW_BYTES, element_bitwidth=ROW_BYTES // 4)
+    return (gl.allocate_shared_memory(dtype, [2, ROWS, 32], SMEM), gl.allocate_shared_memory(dtype, [2, ROWS, 32], SMEM),
+            gl.allocate_shared_memory(dtype, [2, ROWS, 32], SMEM),
+            gl.allocate_shared_memory(dtype, [2, ROWS, 32], SMEM))
 
 
 @gluon.jit
@@ -253,19 +341,79 @@ def _sources(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows_a, a_rows_s, ok_a, 
 
 
 @gluon.jit
-def _decode_into(w_ring, ws_ring, decs, slot, buf, lut_ptr, step, k_groups, RAW: gl.constexpr):
+def _decode_into(w_ring, ws_ring, decs, slot, buf, lut_ptr, step, k_groups, RAW: gl.constexpr,
+                 EXACT: gl.constexpr):
     """`_decode_step` of ring slot `slot` (step `step`) into decode buffer `buf` of the four
     group tiles `decs`; returns the rows' largest group exponents."""
     dec0, dec1, dec2, dec3 = decs
     BLOCK_W: gl.constexpr = w_ring.shape[1]
     PLAIN_2D: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
-    GROUP_WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=32, rank=2)
+    # The tiles' bytes as int32 words, their swizzle unchanged (32 bytes a row for FP8, 64 for FP16).
+    ROW_BYTES: gl.constexpr = 64 if EXACT else 32
+    WORDS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=ROW_BYTES, element_bitwidth=32, rank=2)
     return _decode_step(w_ring.index(slot)._reinterpret(gl.int32, [BLOCK_W, 16], PLAIN_2D),
-                        dec0.index(buf)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
-                        dec1.index(buf)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
-                        dec2.index(buf)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS),
-                        dec3.index(buf)._reinterpret(gl.int32, [BLOCK_W, 8], GROUP_WORDS), ws_ring.index(slot),
-                        lut_ptr, step, k_groups, RAW)
+                        dec0.index(buf)._reinterpret(gl.int32, [BLOCK_W, ROW_BYTES // 4], WORDS),
+                        dec1.index(buf)._reinterpret(gl.int32, [BLOCK_W, ROW_BYTES // 4], WORDS),
+                        dec2.index(buf)._reinterpret(gl.int32, [BLOCK_W, ROW_BYTES // 4], WORDS),
+                        dec3.index(buf)._reinterpret(gl.int32, [BLOCK_W, ROW_BYTES // 4], WORDS), ws_ring.index(slot),
+                        lut_ptr, step, k_groups, RAW, EXACT)
+
+
+@gluon.jit
+def _step_mmas(decs, bs, cur, acc):
+    """A step's four chained k32 MMAs (one a scale group) into a fresh partial tile, issued
+    asynchronously: decoded weight tiles `decs` (buffer `cur`) times activation tiles `bs`
+    ([BLOCK_T, 32] each)."""
+    part = warpgroup_mma(decs[0].index(cur), bs[0].permute((1, 0)), acc, use_acc=False, is_async=True)
+    part = warpgroup_mma(decs[1].index(cur), bs[1].permute((1, 0)), part, is_async=True)
+    part = warpgroup_mma(decs[2].index(cur), bs[2].permute((1, 0)), part, is_async=True)
+    return warpgroup_mma(decs[3].index(cur), bs[3].permute((1, 0)), part, is_async=True)
+
+
+@gluon.jit
+def _start(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows_a, a_rows_s, ok_a, ok_s, w_ptr, stride_w_tile, ws_ptr,
+           stride_ws_n, w_rows_w, w_rows_ws, lut_ptr, k_size, CP_A: gl.constexpr, CP_W: gl.constexpr,
+           CP_WS: gl.constexpr, RAW: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_T: gl.constexpr,
+           STAGES: gl.constexpr, EXACT: gl.constexpr):
+    """A GEMM core's prologue: allocate the rings (`_allocate_rings`), issue the copies of steps
+    0 .. STAGES - 2 and decode step 0 into decode buffer 0. Returns the rings, the copies'
+    sources (`_next_step`'s) and step 0's largest group exponents."""
+    rings = _allocate_rings(BLOCK_W, BLOCK_T, STAGES, EXACT)
+    a_ring, s_ring, w_ring, ws_ring, decs = rings
+    a_src, a_ok, ak, s_src, w_src, w_all, ws_src, ws_all = _sources(
+        a_ptr, stride_a, a_scale_ptr, stride_as, a_rows_a, a_rows_s, ok_a, w_ptr, stride_w_tile, ws_ptr, stride_ws_n,
+        w_rows_w, w_rows_ws, CP_A, CP_W, CP_WS)
+    steps = gl.cdiv(k_size, 128)
+    for s in gl.static_range(STAGES - 1):
+        _copy_step(a_ring.index(s), s_ring.index(s), w_ring.index(s), ws_ring.index(s), a_src, a_ok, ak, s_src,
+                   ok_s, w_src, w_all, ws_src, ws_all, s, k_size, s < steps)
+    async_copy.wait_group(STAGES - 2)
+    gl.thread_barrier()
+    top = _decode_into(w_ring, ws_ring, decs, 0, 0, lut_ptr, 0, k_size // 32, RAW, EXACT)
+    fence_async_shared()
+    return rings, (a_src, a_ok, ak, s_src, ok_s, w_src, w_all, ws_src, ws_all), top
+
+
+@gluon.jit
+def _next_step(rings, sources, step, steps, k_size, lut_ptr, k_groups, RAW: gl.constexpr, STAGES: gl.constexpr,
+               EXACT: gl.constexpr):
+    """What a GEMM core does while step `step`'s MMAs run: refill the ring slot step - 1 used
+    (its MMAs were waited for, and the compiler puts a CTA barrier before these copies, after
+    this program's reads of the slot) with step + STAGES - 1, then decode step + 1 into the
+    other decode buffer (after the last step: a slot that nothing reads). Returns step + 1's
+    largest group exponents."""
+    a_ring, s_ring, w_ring, ws_ring, decs = rings
+    a_src, a_ok, ak, s_src, ok_s, w_src, w_all, ws_src, ws_all = sources
+    nxt = step + STAGES - 1
+    fill = (step % STAGES + STAGES - 1) % STAGES
+    _copy_step(a_ring.index(fill), s_ring.index(fill), w_ring.index(fill), ws_ring.index(fill), a_src, a_ok, ak,
+               s_src, ok_s, w_src, w_all, ws_src, ws_all, nxt, k_size, nxt < steps)
+    async_copy.wait_group(STAGES - 2)
+    gl.thread_barrier()
+    ntop = _decode_into(w_ring, ws_ring, decs, (step + 1) % STAGES, 1 - step % 2, lut_ptr, step + 1, k_groups, RAW,
+                        EXACT)
+    fence_async_shared()
+    return ntop
 
 
 @gluon.jit
@@ -290,48 +438,72 @@ def _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride
     steps = gl.cdiv(k_size, 128)
     k_groups = k_size // 32
 
-    a_ring, s_ring, w_ring, ws_ring, dec0, dec1, dec2, dec3 = _allocate_rings(BLOCK_W, BLOCK_T, STAGES)
-    a_src, a_ok, ak, s_src, w_src, w_all, ws_src, ws_all = _sources(
-        a_ptr, stride_a, a_scale_ptr, stride_as, a_rows_a, a_rows_s, ok_a, w_ptr, stride_w_tile, ws_ptr, stride_ws_n,
-        w_rows_w, w_rows_ws, CP_A, CP_W, CP_WS)
-    for s in gl.static_range(STAGES - 1):
-        more = s < steps
-        _copy_step(a_ring.index(s), s_ring.index(s), w_ring.index(s), ws_ring.index(s), a_src, a_ok, ak, s_src,
-                   ok_s, w_src, w_all, ws_src, ws_all, s, k_size, more)
-
+    rings, sources, top = _start(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows_a, a_rows_s, ok_a, ok_s, w_ptr,
+                                 stride_w_tile, ws_ptr, stride_ws_n, w_rows_w, w_rows_ws, lut_ptr, k_size, CP_A,
+                                 CP_W, CP_WS, RAW, BLOCK_W, BLOCK_T, STAGES, False)
+    a_ring, s_ring, decs = rings[0], rings[1], rings[4]
     acc = gl.zeros([BLOCK_W, BLOCK_T], gl.float32, C)
-    async_copy.wait_group(STAGES - 2)
-    gl.thread_barrier()
-    top = _decode_into(w_ring, ws_ring, (dec0, dec1, dec2, dec3), 0, 0, lut_ptr, 0, k_groups, RAW)
-    fence_async_shared()
     for step in range(steps):
         slot = step % STAGES
         cur = step % 2
         b = a_ring.index(slot)
-        part = warpgroup_mma(dec0.index(cur), b.slice(0, 32, dim=1).permute((1, 0)), acc, use_acc=False,
-                             is_async=True)
-        part = warpgroup_mma(dec1.index(cur), b.slice(32, 32, dim=1).permute((1, 0)), part, is_async=True)
-        part = warpgroup_mma(dec2.index(cur), b.slice(64, 32, dim=1).permute((1, 0)), part, is_async=True)
-        part = warpgroup_mma(dec3.index(cur), b.slice(96, 32, dim=1).permute((1, 0)), part, is_async=True)
-        # Refill the slot step - 1 used: its MMAs were waited for, and the compiler puts a CTA
-        # barrier before these copies (after this program's reads of the slot).
-        nxt = step + STAGES - 1
-        fill = (slot + STAGES - 1) % STAGES
-        _copy_step(a_ring.index(fill), s_ring.index(fill), w_ring.index(fill), ws_ring.index(fill), a_src, a_ok, ak,
-                   s_src, ok_s, w_src, w_all, ws_src, ws_all, nxt, k_size, nxt < steps)
-        # Decode the next step while this one's MMAs run (after the last step: a slot that
-        # nothing reads).
-        async_copy.wait_group(STAGES - 2)
-        gl.thread_barrier()
-        nb = 1 - cur
-        ntop = _decode_into(w_ring, ws_ring, (dec0, dec1, dec2, dec3), (step + 1) % STAGES, nb, lut_ptr, step + 1,
-                            k_groups, RAW)
-        fence_async_shared()
+        part = _step_mmas(decs, (b.slice(0, 32, dim=1), b.slice(32, 32, dim=1), b.slice(64, 32, dim=1),
+                                 b.slice(96, 32, dim=1)), cur, acc)
+        ntop = _next_step(rings, sources, step, steps, k_size, lut_ptr, k_groups, RAW, STAGES, False)
         part = warpgroup_mma_wait(0, deps=[part])
         # The step's weight scale 2^(top - 133) and activation scale; both powers of two.
         sw = gl.convert_layout(((gl.maximum(top, 7) - 6) << 23).to(gl.float32, bitcast=True), ROWS_C)
         sa = s_ring.index(slot).load(COLS_C)
         acc += part * (sw[:, None] * sa[None, :])
+        top = ntop
+    async_copy.wait_group(0)
+    return acc
+
+
+@gluon.jit
+def _gemm_t(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride_w_tile, ws_ptr, stride_ws_n,
+            w_rows, lut_ptr, k_size, C: gl.constexpr, CP_A: gl.constexpr, CP_S: gl.constexpr, CP_W: gl.constexpr,
+            CP_WS: gl.constexpr, WARPS: gl.constexpr, BLOCK_W: gl.constexpr, STAGES: gl.constexpr):
+    """`_gemm` with exact products and the operands' roles swapped: acc [BLOCK_T, BLOCK_W]
+    (layout C, BLOCK_T = 16 WARPS tokens on the wgmma's M side, BLOCK_W weight rows on its N
+    side) = A[a_rows] W[w_rows]^T. Each step's activation rows go from the FP8 ring straight
+    into registers as FP16 (the wgmma's register operand), so only the decoded FP16 weights are
+    written to shared memory and read by the MMAs. Arguments as `_gemm`'s."""
+    BLOCK_T: gl.constexpr = 16 * WARPS
+    a_rows_a, a_rows_s = a_rows
+    ok_a, ok_s = row_ok
+    w_rows_w, w_rows_ws = w_rows
+    TOK_C: gl.constexpr = gl.SliceLayout(1, C)
+    W_C: gl.constexpr = gl.SliceLayout(0, C)
+    DA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=C, k_width=2)
+    RAW: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [WARPS, 1], [1, 0])
+    steps = gl.cdiv(k_size, 128)
+    k_groups = k_size // 32
+
+    rings, sources, top = _start(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows_a, a_rows_s, ok_a, ok_s, w_ptr,
+                                 stride_w_tile, ws_ptr, stride_ws_n, w_rows_w, w_rows_ws, lut_ptr, k_size, CP_A,
+                                 CP_W, CP_WS, RAW, BLOCK_W, BLOCK_T, STAGES, True)
+    a_ring, s_ring, decs = rings[0], rings[1], rings[4]
+    acc = gl.zeros([BLOCK_T, BLOCK_W], gl.float32, C)
+    for step in range(steps):
+        slot = step % STAGES
+        cur = step % 2
+        # The step's activation rows: FP8 -> FP16 is exact (every e4m3 value is an FP16 value).
+        b = a_ring.index(slot)
+        x0 = b.slice(0, 32, dim=1).load(DA).to(gl.float16)
+        x1 = b.slice(32, 32, dim=1).load(DA).to(gl.float16)
+        x2 = b.slice(64, 32, dim=1).load(DA).to(gl.float16)
+        x3 = b.slice(96, 32, dim=1).load(DA).to(gl.float16)
+        part = warpgroup_mma(x0, decs[0].index(cur).permute((1, 0)), acc, use_acc=False, is_async=True)
+        part = warpgroup_mma(x1, decs[1].index(cur).permute((1, 0)), part, is_async=True)
+        part = warpgroup_mma(x2, decs[2].index(cur).permute((1, 0)), part, is_async=True)
+        part = warpgroup_mma(x3, decs[3].index(cur).permute((1, 0)), part, is_async=True)
+        ntop = _next_step(rings, sources, step, steps, k_size, lut_ptr, k_groups, RAW, STAGES, True)
+        part = warpgroup_mma_wait(0, deps=[part])
+        # The weight scale 2^(top - 128) (the FP16 decode's 2^1) and the activation scale.
+        sw = gl.convert_layout(((gl.maximum(top, 2) - 1) << 23).to(gl.float32, bitcast=True), W_C)
+        sa = s_ring.index(slot).load(TOK_C)
+        acc += part * (sa[:, None] * sw[None, :])
         top = ntop
     async_copy.wait_group(0)
     return acc
@@ -348,7 +520,7 @@ def _gemm_ws(a_ptr, stride_a, a_scale_ptr, stride_as, rows_ptr, row_div, r0, r1,
     r1 - 1, or (GATHER) rows_ptr[i] // row_div. Weight rows: L1_ROWS: `_l1_weight_row` of
     columns from w_first (w_limit = I), else w_first + j clamped below w_limit (= N)."""
     BLOCK_W: gl.constexpr = 64
-    a_ring, s_ring, w_ring, ws_ring, dec0, dec1, dec2, dec3 = _allocate_rings(BLOCK_W, BLOCK_T, STAGES)
+    a_ring, s_ring, w_ring, ws_ring, decs = _allocate_rings(BLOCK_W, BLOCK_T, STAGES, False)
     tops = gl.allocate_shared_memory(gl.int32, [2, BLOCK_W], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     # decoded[b]: step k's decoded tiles (buffer b = k % 2), its top exponents and its ring
     # slot's activations and scales are in shared memory. mma_done[s]: the MMAs of the step in
@@ -359,7 +531,7 @@ def _gemm_ws(a_ptr, stride_a, a_scale_ptr, stride_as, rows_ptr, row_div, r0, r1,
         mbarrier.init(decoded.index(b), count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(mma_done.index(s), count=1)
-    rings = (a_ring, s_ring, w_ring, ws_ring, dec0, dec1, dec2, dec3, tops)
+    rings = (a_ring, s_ring, w_ring, ws_ring, decs, tops)
     bars = (decoded, mma_done)
     steps = gl.cdiv(k_size, 128)
     (acc,) = gl.warp_specialize([
@@ -380,7 +552,7 @@ kernel's maxnreg budget."""
 def _ws_mma(rings, bars, steps, C: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
     """`_gemm_ws`'s MMA warpgroup: wait for a decoded step, four chained MMAs, wait for them,
     release the step's buffers, promote."""
-    a_ring, s_ring, w_ring, ws_ring, dec0, dec1, dec2, dec3, tops = rings
+    a_ring, s_ring, w_ring, ws_ring, decs, tops = rings
     decoded, mma_done = bars
     ROWS_C: gl.constexpr = gl.SliceLayout(1, C)
     COLS_C: gl.constexpr = gl.SliceLayout(0, C)
@@ -390,11 +562,8 @@ def _ws_mma(rings, bars, steps, C: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: 
         cur = step % 2
         mbarrier.wait(decoded.index(cur), (step // 2) & 1)
         b = a_ring.index(slot)
-        part = warpgroup_mma(dec0.index(cur), b.slice(0, 32, dim=1).permute((1, 0)), acc, use_acc=False,
-                             is_async=True)
-        part = warpgroup_mma(dec1.index(cur), b.slice(32, 32, dim=1).permute((1, 0)), part, is_async=True)
-        part = warpgroup_mma(dec2.index(cur), b.slice(64, 32, dim=1).permute((1, 0)), part, is_async=True)
-        part = warpgroup_mma(dec3.index(cur), b.slice(96, 32, dim=1).permute((1, 0)), part, is_async=True)
+        part = _step_mmas(decs, (b.slice(0, 32, dim=1), b.slice(32, 32, dim=1), b.slice(64, 32, dim=1),
+                                 b.slice(96, 32, dim=1)), cur, acc)
         top = tops.index(cur).load(ROWS_C)
         sa = s_ring.index(slot).load(COLS_C)
         part = warpgroup_mma_wait(0, deps=[part])
@@ -410,7 +579,7 @@ def _ws_decode(rings, bars, a_ptr, stride_a, a_scale_ptr, stride_as, rows_ptr, r
                L1_ROWS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
     """`_gemm_ws`'s copy/decode warps: cp.async of each step into the rings (refilling a slot
     once its step's MMAs are done), then the step's decode into the free decode buffer."""
-    a_ring, s_ring, w_ring, ws_ring, dec0, dec1, dec2, dec3, tops = rings
+    a_ring, s_ring, w_ring, ws_ring, decs, tops = rings
     decoded, mma_done = bars
     BLOCK_W: gl.constexpr = 64
     CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
@@ -460,7 +629,7 @@ def _ws_decode(rings, bars, a_ptr, stride_a, a_scale_ptr, stride_as, rows_ptr, r
         gl.thread_barrier()
         slot = step % STAGES
         cur = step % 2
-        top = _decode_into(w_ring, ws_ring, (dec0, dec1, dec2, dec3), slot, cur, lut_ptr, step, k_groups, RAW)
+        top = _decode_into(w_ring, ws_ring, decs, slot, cur, lut_ptr, step, k_groups, RAW, False)
         tops.index(cur).store(gl.convert_layout(top, TOP))
         fence_async_shared()
         gl.thread_barrier()
@@ -480,19 +649,30 @@ def _copy_step(a_slot, s_slot, w_slot, ws_slot, a_src, a_ok, ak, s_src, ok_s, w_
     async_copy.commit_group()
 
 
+@gluon.constexpr_function
+def _accumulator_layout(warps, block_t, block_w, exact):
+    """The wgmma accumulator of `warps` warps: FP8 (`_gemm`), [16 warps weight rows, block_t
+    tokens] of k32 instructions; exact (`_gemm_t`), [16 warps tokens, block_w weight rows] of
+    k16 instructions."""
+    if exact:
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, block_w, 16])
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, block_t, 32])
+
+
 @gluon.jit
 def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted_rows_ptr, expert_offsets_ptr,
                w_ptr, stride_w_e, stride_w_tile, ws_ptr, stride_ws_e, stride_ws_n, bias_ptr, lut_ptr,
                inter_ptr, inter_scale_ptr, stride_is_m, hidden, inter, num_experts, num_topk, clamp,
                HAS_CLAMP: gl.constexpr, INTER_SF_FP32: gl.constexpr, HAS_BIAS: gl.constexpr, GPT_OSS: gl.constexpr,
                BLOCK_E: gl.constexpr, PDL: gl.constexpr, WARPS: gl.constexpr, BLOCK_T: gl.constexpr,
-               STAGES: gl.constexpr, WS: gl.constexpr):
-    """Program (n, t): intermediate columns 8 WARPS n ... (8 WARPS of them) of row tile t. Its
-    16 WARPS weight rows interleave gate and up rows in blocks of 8 (tile row 16 b + i: gate row
+               BLOCK_W: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, EXACT: gl.constexpr):
+    """Program (n, t): intermediate columns BLOCK_W / 2 n ... (BLOCK_W / 2 of them) of row tile t
+    (BLOCK_T rows). Its BLOCK_W weight rows interleave gate and up rows in blocks of 8 (tile row 16 b + i: gate row
     8 b + i for i < 8, up row 8 b + i - 8 otherwise), so that in the wgmma accumulator each
-    thread holds a column's gate and up (rows r and r + 8) and the SwiGLU needs no data movement."""
-    C: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                instr_shape=[16, BLOCK_T, 32])
+    thread holds a column's gate and up (rows r and r + 8) and the SwiGLU needs no data movement.
+    EXACT: exact products (`_gemm_t`, BLOCK_T = 16 WARPS; its accumulator holds the weight rows
+    on the N side, and there too a thread holds columns c and c + 8). Else BLOCK_W = 16 WARPS."""
+    C: gl.constexpr = _accumulator_layout(WARPS, BLOCK_T, BLOCK_W, EXACT)
     CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
     CP_S: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     CP_W: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
@@ -500,7 +680,6 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
     after_predecessor(PDL)
     expert, r0, r1 = _find_tile(expert_offsets_ptr, num_experts, gl.program_id(1), BLOCK_E, BLOCK_T, WARPS)
     if expert < num_experts:
-        BLOCK_W: gl.constexpr = 16 * WARPS
         COLS: gl.constexpr = BLOCK_W // 2
         GROUPS: gl.constexpr = COLS // 32
         col0 = gl.program_id(0) * COLS
@@ -517,12 +696,19 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
             src_s = gl.load(sorted_rows_ptr + rs, mask=rs < r1, other=0) // num_topk
             jw = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W))
             jws = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))
-            acc = _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, (src_a, src_s), (ra < r1, rs < r1),
-                        w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
-                        (_l1_weight_row(jw, col0, inter), _l1_weight_row(jws, col0, inter)), lut_ptr, hidden,
-                        C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
+            w_rows = (_l1_weight_row(jw, col0, inter), _l1_weight_row(jws, col0, inter))
+            if EXACT:
+                acc = gl.permute(_gemm_t(a_ptr, stride_a, a_scale_ptr, stride_as, (src_a, src_s), (ra < r1, rs < r1),
+                                         w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e,
+                                         stride_ws_n, w_rows, lut_ptr, hidden, C, CP_A, CP_S, CP_W, CP_WS, WARPS,
+                                         BLOCK_W, STAGES), (1, 0))
+            else:
+                acc = _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, (src_a, src_s), (ra < r1, rs < r1),
+                            w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
+                            w_rows, lut_ptr, hidden, C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
         if HAS_BIAS:
-            jc = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, C))
+            ACC: gl.constexpr = gl.constexpr(acc.type.layout)
+            jc = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, ACC))
             acc += gl.load(bias_ptr + e64 * 2 * inter + _l1_weight_row(jc, col0, inter))[:, None]
         # [W, T] -> [W / 16 blocks, 2 (gate, up), 8, T] -> gate, up [W / 2, T] (column 8 block + i).
         gate, up = gl.split(gl.permute(gl.reshape(acc, [BLOCK_W // 16, 2, 8, BLOCK_T]), (0, 2, 3, 1)))
@@ -569,12 +755,11 @@ def _l1_weight_row(j, col0, inter):
 def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_offsets_ptr, topk_weights_ptr,
                w_ptr, stride_w_e, stride_w_tile, ws_ptr, stride_ws_e, stride_ws_n, bias_ptr, lut_ptr, out_ptr,
                hidden, inter, num_experts, HAS_BIAS: gl.constexpr, BLOCK_E: gl.constexpr, PDL: gl.constexpr,
-               WARPS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
+               WARPS: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_W: gl.constexpr, STAGES: gl.constexpr,
+               WS: gl.constexpr, EXACT: gl.constexpr):
     """Program (n, t): hidden columns 16 WARPS n ... (16 WARPS of them) of row tile t; row i of
     the sorted intermediate rows goes to combine row sorted_rows[i] (as `l2._l2_tile`)."""
-    BLOCK_W: gl.constexpr = 16 * WARPS
-    C: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                instr_shape=[16, BLOCK_T, 32])
+    C: gl.constexpr = _accumulator_layout(WARPS, BLOCK_T, BLOCK_W, EXACT)
     CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
     CP_S: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     CP_W: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
@@ -593,15 +778,22 @@ def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_
         else:
             ra = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, CP_A))
             rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
-            acc = _gemm(inter_ptr, inter, inter_scale_ptr, stride_is_m, (ra, rs), (ra < r1, rs < r1),
-                        w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
-                        (gl.minimum(n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)), hidden - 1),
-                         gl.minimum(n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS)), hidden - 1)),
-                        lut_ptr, inter, C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
-        rows = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, C))
+            w_rows = (gl.minimum(n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)), hidden - 1),
+                      gl.minimum(n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS)), hidden - 1))
+            if EXACT:
+                acc = gl.permute(_gemm_t(inter_ptr, inter, inter_scale_ptr, stride_is_m, (ra, rs), (ra < r1, rs < r1),
+                                         w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e,
+                                         stride_ws_n, w_rows, lut_ptr, inter, C, CP_A, CP_S, CP_W, CP_WS, WARPS,
+                                         BLOCK_W, STAGES), (1, 0))
+            else:
+                acc = _gemm(inter_ptr, inter, inter_scale_ptr, stride_is_m, (ra, rs), (ra < r1, rs < r1),
+                            w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
+                            w_rows, lut_ptr, inter, C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
+        ACC: gl.constexpr = gl.constexpr(acc.type.layout)
+        rows = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACC))
         row_ok = rows < r1
         dst = gl.load(sorted_rows_ptr + rows, mask=row_ok, other=0).to(gl.int64)
-        cols = n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, C))
+        cols = n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, ACC))
         if HAS_BIAS:
             # The routing weight was folded into L2's input, so the bias gets it here.
             route_w = gl.load(topk_weights_ptr + dst, mask=row_ok, other=0.0)
@@ -610,38 +802,45 @@ def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_
         gl.store(out_ptrs, round_to_bf16(acc).to(gl.bfloat16), mask=row_ok[None, :] & (cols < hidden)[:, None])
 
 
-def _grid(num_entries: int, num_experts: int, columns: int, per_program: int) -> tuple:
+def _grid(num_entries: int, num_experts: int, columns: int, per_program: int, block_t: int) -> tuple:
     # Each expert's last row tile may be partial: at most one more tile an expert with rows.
-    return (triton.cdiv(columns, per_program), triton.cdiv(num_entries, ROWS_T) + min(num_experts, num_entries))
+    return (triton.cdiv(columns, per_program), triton.cdiv(num_entries, block_t) + min(num_experts, num_entries))
 
 
-def _shape_args(experts: int) -> dict:
-    ws = dict(WS=True, maxnreg=WS_MAXNREG) if WARP_SPECIALIZED else dict(WS=False)
-    if WARP_SPECIALIZED and NUM_WARPS != 4:
+def _shape_args(experts: int, exact: bool) -> dict:
+    """Launch parameters from the module's switches (read at each launch, for A/B scripts).
+    The exact-products kernels run `_gemm_t` (no warp specialization) with the EXACT_* shape."""
+    ws = WARP_SPECIALIZED and not exact
+    if ws and NUM_WARPS != 4:
         raise ValueError(f"prefill_wgmma: WARP_SPECIALIZED needs NUM_WARPS = 4, not {NUM_WARPS}")
-    return dict(BLOCK_E=triton.next_power_of_2(max(experts, 32 * NUM_WARPS)), WARPS=NUM_WARPS, BLOCK_T=ROWS_T,
-                STAGES=NUM_STAGES, num_warps=NUM_WARPS, **ws)
+    warps = EXACT_WARPS if exact else NUM_WARPS
+    return dict(BLOCK_E=triton.next_power_of_2(max(experts, 32 * warps)), WARPS=warps,
+                BLOCK_T=16 * warps if exact else ROWS_T, BLOCK_W=EXACT_ROWS_W if exact else 16 * warps,
+                STAGES=EXACT_STAGES if exact else NUM_STAGES, num_warps=warps, WS=ws, EXACT=exact,
+                **(dict(maxnreg=WS_MAXNREG) if ws else {}))
 
 
 def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts, pdl: dict) -> None:
     """`experts.launch_l1` for prefill on these kernels; `a`, `a_scales` already rebased."""
     experts = buf.num_local_experts
     placeholder = l1.w
-    _l1_kernel[_grid(num_entries, experts, buf.intermediate, 8 * NUM_WARPS)](
+    shape = _shape_args(experts, exact_products(buf.mma, "l1"))
+    _l1_kernel[_grid(num_entries, experts, buf.intermediate, shape["BLOCK_W"] // 2, shape["BLOCK_T"])](
         a, a.stride(0), a_scales, a_scales.stride(0), route_weights, buf.sorted_rows, buf.expert_offsets,
         l1.w, l1.w.stride(0), l1.w.stride(1), l1.w_sf.view(torch.int32), l1.w_sf.stride(0) // 2, l1.w_sf.stride(1) // 2,
         l1.bias if l1.bias is not None else placeholder, fold_table(buf.device),
         buf.inter, buf.inter_scales, buf.inter_scales.stride(0), buf.hidden, buf.intermediate, experts,
         entries_per_row, float(opts.activation_clamp) if opts.activation_clamp is not None else 0.0,
         HAS_CLAMP=opts.activation_clamp is not None, INTER_SF_FP32=buf.intermediate_sf == "fp32",
-        HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", **_shape_args(experts), **pdl)
+        HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", **shape, **pdl)
 
 
 def launch_l2(buf, num_entries, route_weights, out, l2, pdl: dict) -> None:
     """`experts.launch_l2` for prefill on these kernels; buf.inter already rebased."""
     experts = buf.num_local_experts
-    _l2_kernel[_grid(num_entries, experts, buf.hidden, 16 * NUM_WARPS)](
+    shape = _shape_args(experts, exact_products(buf.mma, "l2"))
+    _l2_kernel[_grid(num_entries, experts, buf.hidden, shape["BLOCK_W"], shape["BLOCK_T"])](
         buf.inter, buf.inter_scales, buf.inter_scales.stride(0), buf.sorted_rows, buf.expert_offsets, route_weights,
         l2.w, l2.w.stride(0), l2.w.stride(1), l2.w_sf.view(torch.int32), l2.w_sf.stride(0) // 2, l2.w_sf.stride(1) // 2,
         l2.bias if l2.bias is not None else l2.w, fold_table(buf.device), out, buf.hidden, buf.intermediate,
-        experts, HAS_BIAS=l2.bias is not None, **_shape_args(experts), **pdl)
+        experts, HAS_BIAS=l2.bias is not None, **shape, **pdl)
