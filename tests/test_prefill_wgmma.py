@@ -113,9 +113,10 @@ def test_bias_clamp_gpt_oss_activation_and_fp32_scales(monkeypatch):
                                                       ("fp16", 32, LAYER_EXACT_PRODUCTS)])
 def test_weight_scales_far_apart_round_like_the_rebase(mma, binades, tolerance, monkeypatch):
     """Groups 20 binades below their step's largest: past the FP8 fold's exact range (14), their
-    values round to e4m3 (at most 2^-10 of the step's scale) and the layer stays in contract;
-    within the FP16 decode's (24), exact. 32 below: past that too, FP16 rounds them (subnormals,
-    at most 2^-25 of the step's scale)."""
+    values round to e4m3 (at most 2^-10 of the step's scale) and the layer stays in contract.
+    The FP16 decode is exact to 24 binades and rounds past that (32: subnormals or zero). Such
+    groups weigh too little to show in the layer's error; what this checks is that their
+    multipliers (normal, subnormal, zero) neither move the step's scale nor blow up a value."""
     shape = MoEShape("spread", 8, 2, 512, 256)
     p = make_problem(shape, 1024, device="cuda", seed=5)
     g = torch.Generator(device="cuda").manual_seed(6)
