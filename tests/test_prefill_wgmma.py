@@ -44,6 +44,19 @@ def _reference(p, **kwargs):
     return megamoe.reference.mega_moe_reference(p.x, p.topk_idx, p.topk_weights, p.l1, p.l2, **kwargs)
 
 
+def _errors_gluon_and_triton(shape, tokens, experts, seed, monkeypatch, mma="fp8"):
+    """The layer on the Gluon prefill kernels and on the Triton tiles (MEGAMOE_WGMMA=0), each
+    checked to have taken its path: their relative errors against the float64 reference."""
+    p = make_problem(shape, tokens, device="cuda", masked_ratio=0.1, seed=seed, num_experts=experts)
+    shape = MoEShape(shape.name, experts or shape.num_experts, shape.num_topk, shape.hidden, shape.intermediate)
+    y, calls = _run(p, shape, tokens, monkeypatch, True, mma=mma)
+    assert calls == ["launch_l1", "launch_l2"], "the prefill tiles did not take the Gluon kernels"
+    y_triton, calls = _run(p, shape, tokens, monkeypatch, False, mma=mma)
+    assert calls == []
+    ref = _reference(p)
+    return relative_error(y, ref), relative_error(y_triton, ref)
+
+
 @pytest.mark.parametrize("shape, tokens, experts, warps, ws", [
     (TAIL, 1024, None, 4, False), (TAIL, 1024, None, 8, False), (TAIL, 1024, None, 4, True),
     (MODEL_SHAPES["v4-flash"], 1024, 16, 4, False), (MODEL_SHAPES["v4-flash"], 1024, 16, 4, True),
@@ -55,14 +68,7 @@ def test_prefill_kernels_match_reference_and_triton_tiles(shape, tokens, experts
     ws: the warp-specialized GEMM core (`prefill_wgmma._gemm_ws`)."""
     monkeypatch.setattr(prefill_wgmma, "NUM_WARPS", warps)
     monkeypatch.setattr(prefill_wgmma, "WARP_SPECIALIZED", ws)
-    p = make_problem(shape, tokens, device="cuda", masked_ratio=0.1, seed=tokens, num_experts=experts)
-    shape = MoEShape(shape.name, experts or shape.num_experts, shape.num_topk, shape.hidden, shape.intermediate)
-    y, calls = _run(p, shape, tokens, monkeypatch, True)
-    assert calls == ["launch_l1", "launch_l2"], "the prefill tiles did not take the Gluon kernels"
-    y_triton, calls = _run(p, shape, tokens, monkeypatch, False)
-    assert calls == []
-    ref = _reference(p)
-    err, err_triton = relative_error(y, ref), relative_error(y_triton, ref)
+    err, err_triton = _errors_gluon_and_triton(shape, tokens, experts, tokens, monkeypatch)
     assert err <= LAYER_KERNEL_VS_REFERENCE, (err, err_triton)
     # Both multiply on the FP8 tensor cores with FP32 promotion; neither should be much worse.
     assert err <= 2 * err_triton + 1e-3, (err, err_triton)
@@ -79,14 +85,7 @@ def test_exact_products_kernels_match_reference_and_triton_tiles(shape, tokens, 
     close as the Triton tiles in the same mode. TAIL's and gpt-oss's H and I leave the last
     program's 128 weight rows partly past the end (masked)."""
     monkeypatch.setattr(prefill_wgmma, "EXACT_WARPS", warps)
-    p = make_problem(shape, tokens, device="cuda", masked_ratio=0.1, seed=tokens + warps, num_experts=experts)
-    shape = MoEShape(shape.name, experts or shape.num_experts, shape.num_topk, shape.hidden, shape.intermediate)
-    y, calls = _run(p, shape, tokens, monkeypatch, True, mma=mma)
-    assert calls == ["launch_l1", "launch_l2"], "the prefill tiles did not take the Gluon kernels"
-    y_triton, calls = _run(p, shape, tokens, monkeypatch, False, mma=mma)
-    assert calls == []
-    ref = _reference(p)
-    err, err_triton = relative_error(y, ref), relative_error(y_triton, ref)
+    err, err_triton = _errors_gluon_and_triton(shape, tokens, experts, tokens + warps, monkeypatch, mma=mma)
     if mma == "fp16":
         assert err <= LAYER_EXACT_PRODUCTS and err_triton <= LAYER_EXACT_PRODUCTS, (err, err_triton)
     else:

@@ -317,9 +317,9 @@ def _group_tiles(dtype: gl.constexpr, ROWS: gl.constexpr, ROW_BYTES: gl.constexp
     ROW_BYTES / 4 bits an element), one allocation per scale group of a step (so the compiler
     puts no barrier between stores to different groups)."""
     SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=ROW_BYTES, element_bitwidth=ROW_BYTES // 4)
-    return (gl.allocate_shared_memory(dtype, [2, ROWS, 32], SMEM), gl.allocate_shared_memory(dtype, [2, ROWS, 32], SMEM),
-            gl.allocate_shared_memory(dtype, [2, ROWS, 32], SMEM),
-            gl.allocate_shared_memory(dtype, [2, ROWS, 32], SMEM))
+    tile: gl.constexpr = [2, ROWS, 32]
+    return (gl.allocate_shared_memory(dtype, tile, SMEM), gl.allocate_shared_memory(dtype, tile, SMEM),
+            gl.allocate_shared_memory(dtype, tile, SMEM), gl.allocate_shared_memory(dtype, tile, SMEM))
 
 
 @gluon.jit
@@ -360,14 +360,22 @@ def _decode_into(w_ring, ws_ring, decs, slot, buf, lut_ptr, step, k_groups, RAW:
 
 
 @gluon.jit
-def _step_mmas(decs, bs, cur, acc):
-    """A step's four chained k32 MMAs (one a scale group) into a fresh partial tile, issued
-    asynchronously: decoded weight tiles `decs` (buffer `cur`) times activation tiles `bs`
-    ([BLOCK_T, 32] each)."""
-    part = warpgroup_mma(decs[0].index(cur), bs[0].permute((1, 0)), acc, use_acc=False, is_async=True)
-    part = warpgroup_mma(decs[1].index(cur), bs[1].permute((1, 0)), part, is_async=True)
-    part = warpgroup_mma(decs[2].index(cur), bs[2].permute((1, 0)), part, is_async=True)
-    return warpgroup_mma(decs[3].index(cur), bs[3].permute((1, 0)), part, is_async=True)
+def _step_mmas(a, b, acc):
+    """A step's four chained MMAs a[g] @ b[g] (one a scale group) into a fresh partial tile (acc
+    gives its shape and layout), issued asynchronously."""
+    part = warpgroup_mma(a[0], b[0], acc, use_acc=False, is_async=True)
+    part = warpgroup_mma(a[1], b[1], part, is_async=True)
+    part = warpgroup_mma(a[2], b[2], part, is_async=True)
+    return warpgroup_mma(a[3], b[3], part, is_async=True)
+
+
+@gluon.jit
+def _fp8_operands(decs, cur, b):
+    """`_gemm`'s operands of a step: the decoded weight tiles of buffer `cur` and, transposed,
+    the four [BLOCK_T, 32] column groups of activation ring slot `b`."""
+    return ((decs[0].index(cur), decs[1].index(cur), decs[2].index(cur), decs[3].index(cur)),
+            (b.slice(0, 32, dim=1).permute((1, 0)), b.slice(32, 32, dim=1).permute((1, 0)),
+             b.slice(64, 32, dim=1).permute((1, 0)), b.slice(96, 32, dim=1).permute((1, 0))))
 
 
 @gluon.jit
@@ -447,8 +455,8 @@ def _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride
         slot = step % STAGES
         cur = step % 2
         b = a_ring.index(slot)
-        part = _step_mmas(decs, (b.slice(0, 32, dim=1), b.slice(32, 32, dim=1), b.slice(64, 32, dim=1),
-                                 b.slice(96, 32, dim=1)), cur, acc)
+        w_ops, a_ops = _fp8_operands(decs, cur, b)
+        part = _step_mmas(w_ops, a_ops, acc)
         ntop = _next_step(rings, sources, step, steps, k_size, lut_ptr, k_groups, RAW, STAGES, False)
         part = warpgroup_mma_wait(0, deps=[part])
         # The step's weight scale 2^(top - 133) and activation scale; both powers of two.
@@ -494,10 +502,9 @@ def _gemm_t(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stri
         x1 = b.slice(32, 32, dim=1).load(DA).to(gl.float16)
         x2 = b.slice(64, 32, dim=1).load(DA).to(gl.float16)
         x3 = b.slice(96, 32, dim=1).load(DA).to(gl.float16)
-        part = warpgroup_mma(x0, decs[0].index(cur).permute((1, 0)), acc, use_acc=False, is_async=True)
-        part = warpgroup_mma(x1, decs[1].index(cur).permute((1, 0)), part, is_async=True)
-        part = warpgroup_mma(x2, decs[2].index(cur).permute((1, 0)), part, is_async=True)
-        part = warpgroup_mma(x3, decs[3].index(cur).permute((1, 0)), part, is_async=True)
+        part = _step_mmas((x0, x1, x2, x3), (decs[0].index(cur).permute((1, 0)), decs[1].index(cur).permute((1, 0)),
+                                             decs[2].index(cur).permute((1, 0)), decs[3].index(cur).permute((1, 0))),
+                          acc)
         ntop = _next_step(rings, sources, step, steps, k_size, lut_ptr, k_groups, RAW, STAGES, True)
         part = warpgroup_mma_wait(0, deps=[part])
         # The weight scale 2^(top - 128) (the FP16 decode's 2^1) and the activation scale.
@@ -562,8 +569,8 @@ def _ws_mma(rings, bars, steps, C: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: 
         cur = step % 2
         mbarrier.wait(decoded.index(cur), (step // 2) & 1)
         b = a_ring.index(slot)
-        part = _step_mmas(decs, (b.slice(0, 32, dim=1), b.slice(32, 32, dim=1), b.slice(64, 32, dim=1),
-                                 b.slice(96, 32, dim=1)), cur, acc)
+        w_ops, a_ops = _fp8_operands(decs, cur, b)
+        part = _step_mmas(w_ops, a_ops, acc)
         top = tops.index(cur).load(ROWS_C)
         sa = s_ring.index(slot).load(COLS_C)
         part = warpgroup_mma_wait(0, deps=[part])
