@@ -257,3 +257,40 @@ def test_symm_model_shape_and_graph_on_gpus(tmp_path):
         for key, err in out["errors"].items():
             assert err <= LAYER_KERNEL_VS_REFERENCE, f"rank {rank} {key}: {err:.3e}"
         assert out["graph_bitwise"], f"rank {rank}"
+
+
+def _ipc_release_in_steps(rank, num_ranks, group, nbytes):
+    """Rank 0's storage, mapped by the other ranks over CUDA IPC on the one GPU, released by
+    rank 0, then rank 1, then the rest; after each step rank 0 returns what it still holds (its
+    allocated bytes above where it started, after torch.cuda.ipc_collect)."""
+    import torch.distributed as dist
+
+    from megamoe.comm.symm import SymmetricStorage
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    start = torch.cuda.memory_allocated(device)
+    storage = SymmetricStorage(nbytes, group, rank, num_ranks, device, shared_device=True)
+    held = []
+    for releasing in ({0}, {1}, set(range(2, num_ranks))):
+        if rank in releasing:
+            storage = None
+        torch.cuda.synchronize(device)
+        dist.barrier(group)
+        if rank == 0:
+            torch.cuda.ipc_collect()
+            held.append(torch.cuda.memory_allocated(device) - start)
+        dist.barrier(group)
+    assert storage is None
+    return held
+
+
+@pytest.mark.gpu
+def test_ranks_sharing_a_gpu_keep_a_peer_mapped_until_all_release(tmp_path):
+    """Every peer gets its own CUDA IPC share (docs/RELIABILITY.md finding 8): rank 0's memory
+    stays allocated while ranks 2 and 3 still map it, after rank 1 released its mapping. With one
+    share for all peers, rank 1's release let rank 0 free it."""
+    nbytes = 32 << 20
+    held = run_ranks(_ipc_release_in_steps, 4, nbytes, workdir=tmp_path, env=NCCL_ENV)[0]
+    assert held[0] >= nbytes and held[1] >= nbytes, held
+    assert held[2] < nbytes, held

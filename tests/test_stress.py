@@ -383,6 +383,8 @@ def test_cli_graph_soak_takes_batch_sizes_and_experts(monkeypatch, capsys):
     args = ["stress", "--graphs", "--replays", "4", "--check-every", "2", "--device", "cpu"]
     assert main(args + ["--batch-sizes", "1,3", "--experts", "8"]) == 0
     assert "4 replays, 2 compared with eager" in capsys.readouterr().out
+    assert main(args + ["--batch-sizes", "1,3", "--experts", "8", "--mma", "fp16-l1"]) == 0
+    assert "mma fp16-l1): 4 replays, 2 compared with eager" in capsys.readouterr().out
     for bad in ("0,3", "1,x", ""):
         with pytest.raises(SystemExit):
             main(args + ["--batch-sizes", bad])
@@ -409,22 +411,25 @@ def test_share_gpu_is_refused_where_it_cannot_run(monkeypatch, capsys):
 
 
 @pytest.mark.gpu
-def test_pressure_with_ranks_sharing_one_gpu(tmp_path):
-    """Two ranks as two processes on GPU 0, the buffers over symm through CUDA IPC."""
-    report = stress.run_stress_ranks(8, 2, profile="gpu", tolerance=LAYER_CONTRACT, workdir=tmp_path,
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_pressure_with_ranks_sharing_one_gpu(num_ranks, tmp_path):
+    """The ranks as processes on GPU 0, the buffers over symm through CUDA IPC (at 4 ranks each
+    buffer is mapped by three peers: docs/RELIABILITY.md finding 8)."""
+    report = stress.run_stress_ranks(8, num_ranks, profile="gpu", tolerance=LAYER_CONTRACT, workdir=tmp_path,
                                      deadline_s=300, share_gpu=True,
                                      env_vars={"TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"})
     _assert_clean(report, 8)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch_sizes, experts", [(stress.GRAPH_BATCH_SIZES, stress.GRAPH_EXPERTS),
-                                                  ((1, 64, 1024, 4096), 32)],
-                         ids=["decode", "prefill"])
-def test_graph_soak_on_gpu(batch_sizes, experts):
-    """In the prefill case 1024 and 4096 tokens put 256 and 1024 rows on an expert: the prefill
-    tiles (on Hopper the Gluon kernels)."""
-    result = graph_soak(10000, 100, batch_sizes, num_experts=experts, tolerance=LAYER_KERNEL_VS_REFERENCE)
+@pytest.mark.parametrize("batch_sizes, experts, mma", [(stress.GRAPH_BATCH_SIZES, stress.GRAPH_EXPERTS, "fp8"),
+                                                       ((1, 64, 1024, 4096), 32, "fp8"),
+                                                       ((1, 64, 1024, 4096), 32, "fp16-l1")],
+                         ids=["decode", "prefill", "prefill-fp16-l1"])
+def test_graph_soak_on_gpu(batch_sizes, experts, mma):
+    """In the prefill cases 1024 and 4096 tokens put 256 and 1024 rows on an expert: the prefill
+    tiles (on Hopper the Gluon kernels, with mma="fp16-l1" the exact-products ones in L1)."""
+    result = graph_soak(10000, 100, batch_sizes, num_experts=experts, tolerance=LAYER_KERNEL_VS_REFERENCE, mma=mma)
     assert result["captured"] and result["checks"] == 100
     assert result["failures"] == [], result["failures"][:10]
 

@@ -33,7 +33,7 @@
 # COPIES (default GPUS / ranks) runs more copies than GPU sets, round robin: the iterations are
 # mostly CPU work (reference, checks, compiles), so several copies share one GPU, e.g.
 #     COPIES=8 ITERATIONS=800 tools/gpu_reliability.sh stress-ep1
-# MMA=fp16-l1 or fp16 runs them (and memcheck, racecheck) on exact products (`--mma`).
+# MMA=fp16-l1 or fp16 runs them (and memcheck, racecheck, graphs, large) on exact products (`--mma`).
 # SHARE_GPU=1 puts each copy's ranks of stress-ep2/ep4 on one GPU (`--share-gpu`: processes on
 # one device, the buffers over symm through CUDA IPC), for a machine with fewer GPUs than ranks:
 #     SHARE_GPU=1 COPIES=4 tools/gpu_reliability.sh stress-ep4
@@ -114,10 +114,10 @@ case "$STEP" in
         --scenarios "$FAULTS" --json "$OUT/$STEP-$EP_BACKEND.json" ;;
     faults-4) run 570 $MEGAMOE stress --faults --ranks 4 --timeout 10 --ep-backend "$EP_BACKEND" \
         --scenarios "$FAULTS" --json "$OUT/$STEP-$EP_BACKEND.json" ;;
-    graphs) run 570 $MEGAMOE stress --graphs --replays 10000 --check-every 100 --json "$OUT/$STEP.json" ;;
+    graphs) run 570 $MEGAMOE stress --graphs --replays 10000 --check-every 100 --mma "$MMA" --json "$OUT/$STEP.json" ;;
     graphs-prefill) run 570 $MEGAMOE stress --graphs --replays 10000 --check-every 100 --batch-sizes 1,64,1024,4096 \
-        --experts 32 --json "$OUT/$STEP.json" ;;
-    large) run 570 $MEGAMOE stress --large --json "$OUT/$STEP.json" ;;
+        --experts 32 --mma "$MMA" --json "$OUT/$STEP.json" ;;
+    large) run 570 $MEGAMOE stress --large --mma "$MMA" --json "$OUT/$STEP.json" ;;
     memcheck)
         # No caching allocator: each tensor is its own allocation, so memcheck sees overruns between
         # tensors. (The buffer's regions share one allocation: an overrun from one region into the

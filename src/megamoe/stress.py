@@ -1124,14 +1124,15 @@ def graph_soak(replays: int = 10000, check_every: int = 100, batch_sizes=GRAPH_B
                num_experts: int = GRAPH_EXPERTS,
                num_topk: int = 8, hidden: int = 2048, intermediate: int = 768, seed: int = 0,
                device: str | torch.device | None = None, tolerance: float = CONTRACT_RELATIVE_ERROR,
-               progress=None) -> dict:
+               mma: str = "fp8", progress=None) -> dict:
     """Capture pre_dispatch + mega_moe for each batch size on one buffer; replay them in turn.
 
     Replay j runs batch_sizes[j % len]. Every `check_every`-th replay first writes new random
     inputs into that graph's static tensors, runs the same call eagerly on the same buffer into
     another y, then replays: y must equal the eager y bitwise, and the reference within
     `tolerance`. recv_stats (captured) must equal the routed rows of every replay's inputs.
-    Default shape: qwen3-30b-a3b. On a CPU device the "graphs" replay eagerly (harness tests).
+    Default shape: qwen3-30b-a3b; mma is the buffer's (MegaMoEBuffer). On a CPU device the
+    "graphs" replay eagerly (harness tests).
     Returns {"replays", "checks", "failures" [text], "max_relative_error", "seconds"}.
     """
     device = torch.device(device) if device is not None else default_device()
@@ -1140,7 +1141,7 @@ def graph_soak(replays: int = 10000, check_every: int = 100, batch_sizes=GRAPH_B
     user_l1 = random_expert_weights(num_experts, 2 * intermediate, hidden, "fp8xfp4", gen)
     user_l2 = random_expert_weights(num_experts, hidden, intermediate, "fp8xfp4", gen)
     l1, l2 = transform_weights(user_l1, user_l2)
-    buf = MegaMoEBuffer(num_experts, max(batch_sizes), num_topk, hidden, intermediate, device=device)
+    buf = MegaMoEBuffer(num_experts, max(batch_sizes), num_topk, hidden, intermediate, device=device, mma=mma)
     geo = Geometry(num_experts, num_topk, hidden, intermediate, max(batch_sizes), "fp8xfp4", "ue8m0", 0)
 
     def fresh_inputs(tokens: int, version: int):
@@ -1242,10 +1243,11 @@ LARGE_CASES = (
 
 
 def run_large(case: LargeCase, *, device: str | torch.device | None = None, chunk_tokens: int = 8192,
-              tolerance: float = CONTRACT_RELATIVE_ERROR, seed: int = 0) -> dict:
+              tolerance: float = CONTRACT_RELATIVE_ERROR, seed: int = 0, mma: str = "fp8") -> dict:
     """One LargeCase at EP = 1: y against the reference chunk by chunk of tokens (so the float64
     oracle fits), the relative error of the whole and of the last chunk (where a 32-bit offset
-    would wrap first), and pre_dispatch's last rows bitwise against quantize_fp8.
+    would wrap first), and pre_dispatch's last rows bitwise against quantize_fp8. mma is the
+    buffer's (MegaMoEBuffer).
     """
     device = torch.device(device) if device is not None else default_device()
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -1257,7 +1259,7 @@ def run_large(case: LargeCase, *, device: str | torch.device | None = None, chun
     scores = torch.rand(t, e, generator=gen, device=device)
     idx = scores.topk(k, dim=1).indices
     weights = torch.rand(t, k, generator=gen, device=device) + 0.05
-    buf = MegaMoEBuffer(e, t, k, h, i, device=device)
+    buf = MegaMoEBuffer(e, t, k, h, i, device=device, mma=mma)
     begin = time.monotonic()
     pre_dispatch(x, idx, weights, buf)
     y = torch.full_like(x, float("nan"))
@@ -1306,7 +1308,8 @@ def add_cli_arguments(p) -> None:
                         "CUDA IPC), for one-GPU machines")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--mma", choices=MMAS, default="fp8",
-                   help="MegaMoEBuffer(mma=...) of the fp8xfp4 cases (default fp8; fp16: exact products)")
+                   help="MegaMoEBuffer(mma=...) of the fp8xfp4 cases, also of --graphs and --large (default fp8; "
+                        "fp16: exact products)")
     p.add_argument("--tolerance", type=float, default=CONTRACT_RELATIVE_ERROR,
                    help=f"relative error allowed against the reference (default {CONTRACT_RELATIVE_ERROR:g}, "
                         "the precision contract)")
@@ -1362,17 +1365,17 @@ def run_cli(args) -> int:
         out, failed = asdict(report), report.num_failures
     elif args.graphs:
         result = graph_soak(args.replays, args.check_every, args.batch_sizes, num_experts=args.experts,
-                            device=args.device, seed=args.seed, tolerance=args.tolerance,
+                            device=args.device, seed=args.seed, tolerance=args.tolerance, mma=args.mma,
                             progress=lambda n: print(f"  {n} replays", flush=True))
         how = "captured" if result["captured"] else "NOT captured: no CUDA device, replays run eagerly"
-        print(f"CUDA-graph soak ({how}): {result['replays']} replays, {result['checks']} compared with eager, max "
+        print(f"CUDA-graph soak ({how}, mma {args.mma}): {result['replays']} replays, {result['checks']} compared with eager, max "
               f"relative error {result['max_relative_error']:.3e}, {result['seconds']:.1f} s, failures "
               f"{len(result['failures'])}")
         for f in result["failures"][:MAX_FAILURES_KEPT]:
             print(f"  {f}")
         out, failed = result, len(result["failures"])
     elif args.large:
-        out = [run_large(case, device=args.device, tolerance=args.tolerance) for case in LARGE_CASES]
+        out = [run_large(case, device=args.device, tolerance=args.tolerance, mma=args.mma) for case in LARGE_CASES]
         for r in out:
             print(f"{r['case']} ({r['why']}): relative error {r['relative_error']:.3e}, last chunk "
                   f"{r['last_chunk_relative_error']:.3e}, pre_dispatch tail exact {r['pre_dispatch_last_rows_exact']}, "

@@ -77,7 +77,7 @@ ERR_TIMEOUT: tl.constexpr = tl.constexpr(1)   # the rank did not arrive within t
 ERR_ABORTED: tl.constexpr = tl.constexpr(2)   # the rank gave up on this call (its own wait failed)
 
 CLOCK_PERIOD_S = 0.001
-IPC_HANDLE_BYTES = 4096   # room for one pickled CUDA IPC handle (ranks sharing a GPU)
+IPC_HANDLE_BYTES = 4096   # room for one pickled CUDA IPC handle (ranks sharing a GPU), one per peer
 
 GATHER_PROGRAMS_PER_SM = 8
 CPU_GATHER_PROGRAMS = 8
@@ -243,16 +243,24 @@ class SymmetricStorage:
         # torch.multiprocessing's CUDA sharing: the allocation's IPC handle (and the reference
         # count that keeps it alive while peers map it) travels as pickled bytes in a fixed-size
         # tensor, so one bounded all_gather carries every rank's.
+        # Each peer gets its own share: torch counts one consumer per share (a counter set to
+        # 1, which the consumer's release takes back to 0). With one share for several peers
+        # the first release let this rank free the memory and retire the counter file while
+        # the others still mapped it; at 4 ranks a peer then died in torch's unlink ("could not
+        # unlink the shared memory file", docs/RELIABILITY.md finding 8).
         from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
         self.storage = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        rebuild, args = reduce_tensor(self.storage)
-        assert rebuild is rebuild_cuda_tensor, rebuild
-        blob = pickle.dumps(args)
-        assert len(blob) <= IPC_HANDLE_BYTES - 8, len(blob)
-        mine = torch.zeros(IPC_HANDLE_BYTES, dtype=torch.uint8)
-        mine[:8] = torch.tensor([len(blob)], dtype=torch.int64).view(torch.uint8)
-        mine[8:8 + len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        mine = torch.zeros(num_ranks, IPC_HANDLE_BYTES, dtype=torch.uint8)   # row p: the share for rank p
+        for p in range(num_ranks):
+            if p == rank:
+                continue
+            rebuild, args = reduce_tensor(self.storage)
+            assert rebuild is rebuild_cuda_tensor, rebuild
+            blob = pickle.dumps(args)
+            assert len(blob) <= IPC_HANDLE_BYTES - 8, len(blob)
+            mine[p, :8] = torch.tensor([len(blob)], dtype=torch.int64).view(torch.uint8)
+            mine[p, 8:8 + len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
         blobs = [torch.empty_like(mine) for _ in range(num_ranks)]
         wait_for(dist.all_gather(blobs, mine, group=group, async_op=True),
                  f"MegaMoEBuffer (rank {rank}): all_gather of the CUDA IPC handles")
@@ -261,8 +269,8 @@ class SymmetricStorage:
             if p == rank:
                 peers.append(self.storage)
             else:
-                size = int(b[:8].view(torch.int64))
-                peers.append(rebuild_cuda_tensor(*pickle.loads(b[8:8 + size].numpy().tobytes())))
+                size = int(b[rank, :8].view(torch.int64))
+                peers.append(rebuild_cuda_tensor(*pickle.loads(b[rank, 8:8 + size].numpy().tobytes())))
         self._keep.extend(peers)
         return [t.data_ptr() for t in peers]
 
