@@ -1368,8 +1368,8 @@ def run_cli(args) -> int:
                             device=args.device, seed=args.seed, tolerance=args.tolerance, mma=args.mma,
                             progress=lambda n: print(f"  {n} replays", flush=True))
         how = "captured" if result["captured"] else "NOT captured: no CUDA device, replays run eagerly"
-        print(f"CUDA-graph soak ({how}, mma {args.mma}): {result['replays']} replays, {result['checks']} compared with eager, max "
-              f"relative error {result['max_relative_error']:.3e}, {result['seconds']:.1f} s, failures "
+        print(f"CUDA-graph soak ({how}, mma {args.mma}): {result['replays']} replays, {result['checks']} compared "
+              f"with eager, max relative error {result['max_relative_error']:.3e}, {result['seconds']:.1f} s, failures "
               f"{len(result['failures'])}")
         for f in result["failures"][:MAX_FAILURES_KEPT]:
             print(f"  {f}")
