@@ -486,6 +486,33 @@ def test_each_mma_names_the_gemms_on_exact_products():
     assert table == {"fp8": [], "fp16-l1": ["l1"], "fp16": ["l1", "l2"]}
 
 
+@pytest.mark.parametrize("rows_per_expert", [0.5, 3, 3.25, 24, 64, 65, 200])
+def test_exact_gemms_past_three_rows_an_expert_take_the_gluon_shapes(rows_per_expert, monkeypatch):
+    """Where the Gluon kernels run (`exact_gluon`), an exact GEMM with more than
+    EXACT_GLUON_FROM rows an expert gets a wide config (rebased rows on `_gemm_t`): 64 tokens a
+    tile up to EXACT_NARROW_UP_TO rows an expert, 128 past it. Without Gluon, and for FP8 MMAs,
+    the Triton row tiles stay as they were."""
+    from megamoe.kernels import prefill_wgmma
+    from megamoe.kernels.config import EXACT_GLUON_FROM, is_wide, pick_config
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")   # the GPU heuristic, not the interpreter's config
+    experts = 16
+    rows = int(rows_per_expert * experts)
+    for which in ("l1", "l2"):
+        plain = pick_config(which, rows, experts)
+        exact = pick_config(which, rows, experts, exact_gluon=True)
+        assert is_wide(exact) == (rows_per_expert > EXACT_GLUON_FROM or is_wide(plain)), (which, exact)
+        if not is_wide(exact):
+            assert exact == plain
+    shape = prefill_wgmma._shape_args(experts, True, rows)
+    narrow = rows_per_expert <= prefill_wgmma.EXACT_NARROW_UP_TO
+    assert shape["num_warps"] == (prefill_wgmma.EXACT_NARROW_WARPS if narrow else prefill_wgmma.EXACT_WARPS)
+    assert shape["STAGES"] == (prefill_wgmma.EXACT_NARROW_STAGES if narrow else prefill_wgmma.EXACT_STAGES)
+    assert shape["BLOCK_T"] == 16 * shape["num_warps"] and shape["BLOCK_W"] == prefill_wgmma.EXACT_ROWS_W
+    fp8 = prefill_wgmma._shape_args(experts, False, rows)
+    assert fp8["num_warps"] == prefill_wgmma.NUM_WARPS and fp8["BLOCK_T"] == prefill_wgmma.ROWS_T
+
+
 # H100/H200 SM: 64K registers, 228 KB shared memory, 2048 threads.
 HOPPER_SM = dict(regs_per_sm=65536, shared_per_sm=233472, threads_per_sm=2048)
 

@@ -44,13 +44,14 @@ def _reference(p, **kwargs):
     return megamoe.reference.mega_moe_reference(p.x, p.topk_idx, p.topk_weights, p.l1, p.l2, **kwargs)
 
 
-def _errors_gluon_and_triton(shape, tokens, experts, seed, monkeypatch, mma="fp8"):
+def _errors_gluon_and_triton(shape, tokens, experts, seed, monkeypatch, mma="fp8", gluon=("launch_l1", "launch_l2")):
     """The layer on the Gluon prefill kernels and on the Triton tiles (MEGAMOE_WGMMA=0), each
-    checked to have taken its path: their relative errors against the float64 reference."""
+    checked to have taken its path (`gluon`: the GEMMs expected on the Gluon kernels): their
+    relative errors against the float64 reference."""
     p = make_problem(shape, tokens, device="cuda", masked_ratio=0.1, seed=seed, num_experts=experts)
     shape = MoEShape(shape.name, experts or shape.num_experts, shape.num_topk, shape.hidden, shape.intermediate)
     y, calls = _run(p, shape, tokens, monkeypatch, True, mma=mma)
-    assert calls == ["launch_l1", "launch_l2"], "the prefill tiles did not take the Gluon kernels"
+    assert calls == list(gluon), "the GEMMs did not take the Gluon kernels expected"
     y_triton, calls = _run(p, shape, tokens, monkeypatch, False, mma=mma)
     assert calls == []
     ref = _reference(p)
@@ -86,6 +87,23 @@ def test_exact_products_kernels_match_reference_and_triton_tiles(shape, tokens, 
     program's 128 weight rows partly past the end (masked)."""
     monkeypatch.setattr(prefill_wgmma, "EXACT_WARPS", warps)
     err, err_triton = _errors_gluon_and_triton(shape, tokens, experts, tokens + warps, monkeypatch, mma=mma)
+    if mma == "fp16":
+        assert err <= LAYER_EXACT_PRODUCTS and err_triton <= LAYER_EXACT_PRODUCTS, (err, err_triton)
+    else:
+        assert err <= LAYER_KERNEL_VS_REFERENCE and err <= 2 * err_triton + 1e-3, (err, err_triton)
+
+
+@pytest.mark.parametrize("shape, tokens, experts, mma", [
+    (TAIL, 40, None, "fp16"), (MODEL_SHAPES["v4-flash"], 64, 16, "fp16"),
+    (MODEL_SHAPES["v4-flash"], 64, 16, "fp16-l1"), (MODEL_SHAPES["gpt-oss-120b"], 32, 16, "fp16-l1"),
+    (MODEL_SHAPES["gpt-oss-120b"], 192, 16, "fp16")])
+def test_exact_products_take_the_gluon_kernels_past_three_rows_an_expert(shape, tokens, experts, mma, monkeypatch):
+    """From `config.EXACT_GLUON_FROM` (3) rows an expert on, the exact GEMMs leave the Triton
+    row tiles for `_gemm_t`: 10, 24, 8 and 48 rows an expert here take its 64-token shape
+    (EXACT_NARROW_*), most tiles mostly padding and masked; the FP8 L2 of fp16-l1 keeps its
+    Triton row tiles."""
+    gluon = ("launch_l1", "launch_l2") if mma == "fp16" else ("launch_l1",)
+    err, err_triton = _errors_gluon_and_triton(shape, tokens, experts, tokens + 1, monkeypatch, mma=mma, gluon=gluon)
     if mma == "fp16":
         assert err <= LAYER_EXACT_PRODUCTS and err_triton <= LAYER_EXACT_PRODUCTS, (err, err_triton)
     else:

@@ -39,7 +39,7 @@ class ExpertOptions:
 
 
 def _tiling(which: str, num_entries: int, num_experts: int, width: int, quantized: bool,
-            rows_hint: int | None = None):
+            rows_hint: int | None = None, exact_gluon: bool = False):
     """(config, column tiles, launches) of a grouped GEMM writing `width` output columns.
 
     launches: (tile config, ROWS_ABOVE, ROWS_UP_TO, grid) of each kernel launch, in order. One,
@@ -47,9 +47,9 @@ def _tiling(which: str, num_entries: int, num_experts: int, width: int, quantize
     rows and one of FMA tiles for each smaller count (the kernels' ROWS_ABOVE, ROWS_UP_TO). Each
     grid covers the most row tiles the entries can need when each expert's rows are tiled separately
     (known on the host without a sync); programs past the real tiles exit at once. rows_hint,
-    when given, picks the tile config instead of num_entries.
+    when given, picks the tile config instead of num_entries. exact_gluon: see `pick_config`.
     """
-    cfg = pick_config(which, num_entries if rows_hint is None else rows_hint, num_experts, quantized)
+    cfg = pick_config(which, num_entries if rows_hint is None else rows_hint, num_experts, quantized, exact_gluon)
     if not quantized and (is_fma(cfg) or cfg.fma_mix):
         raise ValueError(f"{which} config: one- and two-row FMA tiles (block_m {cfg.block_m}, fma_mix "
                          f"{cfg.fma_mix}) exist in the fp8xfp4 mode only")
@@ -217,7 +217,9 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
     # bf16xbf16 has no weight scales and a layer may have no bias: the kernel never reads
     # these placeholder pointers then.
     placeholder = l1.w
-    cfg, col_tiles, launches = _tiling("l1", num_entries, experts, inter, quantized, rows_hint)
+    gluon = quantized and prefill_wgmma.supported(buf, gathered=gathered, persistent=persistent, remote=False)
+    cfg, col_tiles, launches = _tiling("l1", num_entries, experts, inter, quantized, rows_hint,
+                                       exact_gluon=gluon and exact_products(buf.mma, "l1"))
     w_sf = l1.w_sf if quantized else placeholder
     a_scales = a_scales if quantized else placeholder
     a_per_step = quantized and is_wide(cfg)
@@ -228,7 +230,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
         rebase_rows(a, a_scales, dst, dst_scales, num_entries if gathered else num_entries // entries_per_row,
                     hidden, count=buf.expert_offsets[experts:] if gathered else None)
         a, a_scales = dst, dst_scales
-        if prefill_wgmma.supported(buf, gathered=gathered, persistent=persistent, remote=False):
+        if gluon:
             prefill_wgmma.launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts,
                                     pdl_options(buf.device))
             return
@@ -293,12 +295,16 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
     placeholder = l2.w
-    cfg, col_tiles, launches = _tiling("l2", num_entries, experts, hidden, quantized, rows_hint)
+    # L2's Gluon kernels take rebased rows, which need powers of two for scales (UE8M0).
+    gluon = (quantized and buf.intermediate_sf == "ue8m0"
+             and prefill_wgmma.supported(buf, gathered=gathered, persistent=persistent, remote=remote is not None))
+    cfg, col_tiles, launches = _tiling("l2", num_entries, experts, hidden, quantized, rows_hint,
+                                       exact_gluon=gluon and exact_products(buf.mma, "l2"))
     a_per_step = quantized and is_wide(cfg) and buf.intermediate_sf == "ue8m0"
     if a_per_step:
         rebase_rows(buf.inter, buf.inter_scales, buf.inter, buf.inter_scales, num_entries, inter,
                     count=buf.expert_offsets[experts:])
-        if prefill_wgmma.supported(buf, gathered=gathered, persistent=persistent, remote=remote is not None):
+        if gluon:
             prefill_wgmma.launch_l2(buf, num_entries, route_weights, out, l2, pdl_options(buf.device))
             return
     w_sf = l2.w_sf if quantized else placeholder

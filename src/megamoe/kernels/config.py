@@ -128,9 +128,21 @@ of MMA tiles -> split at 32 / 64 / 128 tokens: v4-flash (0.75 / 1.5 / 3 rows an 
 tiles 597), 897 -> 813, 1053 -> 1083."""
 
 
-def pick_config(which: str, num_rows: int, num_local_experts: int, quantized: bool = True) -> GemmConfig:
+EXACT_GLUON_FROM = 3.0
+"""Average rows per local expert above which a GEMM on exact products (FP16 MMAs, the buffer's
+`mma`) takes a wide config where the Gluon kernels run (`exact_gluon`: `prefill_wgmma.supported`):
+rebased rows on `prefill_wgmma._gemm_t`, whose 64-token tiles beat the Triton FP16 row tiles from
+there on. Same run on an H200 (2026-12-03, run 60, docs/PERF.md v20), L1 us of the Triton FP16
+tiles -> `_gemm_t` at 256 / 1024 / 2048 tokens: v4-flash (6 / 24 / 48 rows an expert) 2177 ->
+2174, 3371 -> 2211, 3341 -> 2270 (FP8 MMAs: 1524, 2396, 3129); gpt-oss-120b (8 / 32 / 64) 1169
+-> 1129, 2661 -> 1154, 1769 -> 1699 (FP8: 776, 2191, 1716)."""
+
+
+def pick_config(which: str, num_rows: int, num_local_experts: int, quantized: bool = True,
+                exact_gluon: bool = False) -> GemmConfig:
     """Config for `which` ("l1" or "l2") given the total rows routed to the local experts;
-    `quantized`: the FP8 x MXFP4 mode (FMA tiles exist in it only)."""
+    `quantized`: the FP8 x MXFP4 mode (FMA tiles exist in it only); `exact_gluon`: the GEMM
+    multiplies exact products and its wide tiles would run the Gluon kernels (EXACT_GLUON_FROM)."""
     if which in _forced:
         return _forced[which]
     if env.triton_interpret():
@@ -142,6 +154,8 @@ def pick_config(which: str, num_rows: int, num_local_experts: int, quantized: bo
         return GemmConfig(1, 32 if which == "l1" else 64, 4, 1)
     if quantized and rows_per_expert <= MIX_UP_TO:
         return GemmConfig(16, 32 if which == "l1" else 64, 4, 4, fma_mix=2)
+    if exact_gluon and rows_per_expert > EXACT_GLUON_FROM:
+        return GemmConfig(64, 64 if which == "l1" else 128, 8, 3)
     # Decode tiles are memory-bound: narrow weight tiles make more programs to stream weights in
     # parallel (measured on an H200, docs/PERF.md). Wider row tiles reuse each decoded weight
     # tile for more tokens; 64 is the widest that fits the registers without spilling.

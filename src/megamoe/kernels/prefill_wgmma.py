@@ -77,7 +77,16 @@ EXACT_WARPS = 8
 EXACT_ROWS_W = 128
 EXACT_STAGES = 3
 """The exact-products kernels (`_gemm_t`): warps a program (16 EXACT_WARPS tokens a row tile),
-weight rows a program (the wgmma's N side) and ring stages (docs/PERF.md, v19)."""
+weight rows a program (the wgmma's N side) and ring stages (docs/PERF.md, v19)..."""
+EXACT_NARROW_WARPS = 4
+EXACT_NARROW_STAGES = 2
+EXACT_NARROW_UP_TO = 64
+"""... and up to EXACT_NARROW_UP_TO average rows an expert (from `config.EXACT_GLUON_FROM` on, where
+the exact GEMMs leave the Triton row tiles for these kernels), one warpgroup of 64 tokens and two
+ring stages. Same run on an H200 (2026-12-03, run 60, docs/PERF.md v20), L1 us of 4 warps x 2
+stages -> 8 warps x 3 stages at 6 / 24 / 48 rows an expert (v4-flash): 2174 -> 3297, 2211 ->
+3320, 2270 -> 3342; at 64 (gpt-oss-120b, 2048 tokens) 1699 -> 1770; at 96 (v4-flash, 4096
+tokens; the core alone, run 50) 4186 -> 3256."""
 WARP_SPECIALIZED = False
 """Run `_gemm_ws` (one MMA warpgroup, four copy/decode warps; NUM_WARPS must be 4) instead of
 `_gemm` (FP8 MMAs only; the exact-products kernels always run `_gemm_t`)."""
@@ -814,24 +823,28 @@ def _grid(num_entries: int, num_experts: int, columns: int, per_program: int, bl
     return (triton.cdiv(columns, per_program), triton.cdiv(num_entries, block_t) + min(num_experts, num_entries))
 
 
-def _shape_args(experts: int, exact: bool) -> dict:
+def _shape_args(experts: int, exact: bool, num_entries: int) -> dict:
     """Launch parameters from the module's switches (read at each launch, for A/B scripts).
-    The exact-products kernels run `_gemm_t` (no warp specialization) with the EXACT_* shape."""
+    The exact-products kernels run `_gemm_t` (no warp specialization) with the EXACT_* shape,
+    or the EXACT_NARROW_* one up to EXACT_NARROW_UP_TO rows an expert."""
     ws = WARP_SPECIALIZED and not exact
     if ws and NUM_WARPS != 4:
         raise ValueError(f"prefill_wgmma: WARP_SPECIALIZED needs NUM_WARPS = 4, not {NUM_WARPS}")
-    warps = EXACT_WARPS if exact else NUM_WARPS
+    narrow = exact and num_entries <= EXACT_NARROW_UP_TO * experts
+    if exact:
+        warps, stages = (EXACT_NARROW_WARPS, EXACT_NARROW_STAGES) if narrow else (EXACT_WARPS, EXACT_STAGES)
+    else:
+        warps, stages = NUM_WARPS, NUM_STAGES
     return dict(BLOCK_E=triton.next_power_of_2(max(experts, 32 * warps)), WARPS=warps,
                 BLOCK_T=16 * warps if exact else ROWS_T, BLOCK_W=EXACT_ROWS_W if exact else 16 * warps,
-                STAGES=EXACT_STAGES if exact else NUM_STAGES, num_warps=warps, WS=ws, EXACT=exact,
-                **(dict(maxnreg=WS_MAXNREG) if ws else {}))
+                STAGES=stages, num_warps=warps, WS=ws, EXACT=exact, **(dict(maxnreg=WS_MAXNREG) if ws else {}))
 
 
 def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts, pdl: dict) -> None:
     """`experts.launch_l1` for prefill on these kernels; `a`, `a_scales` already rebased."""
     experts = buf.num_local_experts
     placeholder = l1.w
-    shape = _shape_args(experts, exact_products(buf.mma, "l1"))
+    shape = _shape_args(experts, exact_products(buf.mma, "l1"), num_entries)
     _l1_kernel[_grid(num_entries, experts, buf.intermediate, shape["BLOCK_W"] // 2, shape["BLOCK_T"])](
         a, a.stride(0), a_scales, a_scales.stride(0), route_weights, buf.sorted_rows, buf.expert_offsets,
         l1.w, l1.w.stride(0), l1.w.stride(1), l1.w_sf.view(torch.int32), l1.w_sf.stride(0) // 2, l1.w_sf.stride(1) // 2,
@@ -845,7 +858,7 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1,
 def launch_l2(buf, num_entries, route_weights, out, l2, pdl: dict) -> None:
     """`experts.launch_l2` for prefill on these kernels; buf.inter already rebased."""
     experts = buf.num_local_experts
-    shape = _shape_args(experts, exact_products(buf.mma, "l2"))
+    shape = _shape_args(experts, exact_products(buf.mma, "l2"), num_entries)
     _l2_kernel[_grid(num_entries, experts, buf.hidden, shape["BLOCK_W"], shape["BLOCK_T"])](
         buf.inter, buf.inter_scales, buf.inter_scales.stride(0), buf.sorted_rows, buf.expert_offsets, route_weights,
         l2.w, l2.w.stride(0), l2.w.stride(1), l2.w_sf.view(torch.int32), l2.w_sf.stride(0) // 2, l2.w_sf.stride(1) // 2,
