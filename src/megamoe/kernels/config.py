@@ -7,7 +7,9 @@ an expert they split each GEMM by the experts' row counts (MMA tiles for the exp
 rows or more, FMA tiles for the others); more rows an expert get MMA tiles whose token side is
 as small as the tensor cores allow (16), so many programs stream weights in parallel; prefill
 batches get 64-row tiles so each decoded weight tile is reused by many tokens (128-row tiles, 256
-weight rows a tile, 4 stages and 4 warps were each slower on an H200, docs/PERF.md).
+weight rows a tile, 4 stages and 4 warps were each slower on an H200, docs/PERF.md). GEMMs on
+exact products that can run the Gluon kernels take those from three rows an expert on
+(EXACT_GLUON_FROM).
 """
 
 from __future__ import annotations

@@ -43,7 +43,9 @@ accumulator is [tokens, weight rows]; transposed, the epilogues are the FP8 kern
 against FP8's 3233, L2 1750 against 1826; in the layer, fp16-l1 5214 us against fp8 5123.
 
 Used for the prefill tiles (`config.is_wide`) of the FP8 x MXFP4 mode on sm_90 when the rows
-are not gathered and the output is local (EP = 1 and the nccl backend): `supported`.
+are not gathered and the output is local (EP = 1 and the nccl backend): `supported`. Exact
+products take them from `config.EXACT_GLUON_FROM` (3) rows an expert on, with 64-token tiles up
+to EXACT_NARROW_UP_TO rows an expert (v20: faster there than the Triton FP16 row tiles).
 MEGAMOE_WGMMA=0 keeps the Triton tiles (A/B runs). Gluon kernels do not run under the Triton
 interpreter: the CPU tests cover the Triton tiles, the GPU tests these (tests/test_gpu.py,
 tests/test_prefill_wgmma.py).
