@@ -486,11 +486,12 @@ def test_each_mma_names_the_gemms_on_exact_products():
     assert table == {"fp8": [], "fp16-l1": ["l1"], "fp16": ["l1", "l2"]}
 
 
-@pytest.mark.parametrize("rows_per_expert", [0.5, 3, 3.25, 24, 64, 65, 200])
+@pytest.mark.parametrize("rows_per_expert", [0.5, 3, 3.25, 12, 12.5, 24, 64, 65, 200])
 def test_exact_gemms_past_three_rows_an_expert_take_the_gluon_shapes(rows_per_expert, monkeypatch):
     """Where the Gluon kernels run (`exact_gluon`), an exact GEMM with more than
-    EXACT_GLUON_FROM rows an expert gets a wide config (rebased rows on `_gemm_t`): 64 tokens a
-    tile up to EXACT_NARROW_UP_TO rows an expert, 128 past it. Without Gluon, and for FP8 MMAs,
+    EXACT_GLUON_FROM rows an expert gets a wide config (rebased rows on the Gluon kernels): up
+    to EXACT_SMALL_UP_TO rows an expert exact `_gemm` with 16-token tiles, then `_gemm_t` with
+    64 tokens a tile up to EXACT_NARROW_UP_TO, 128 past it. Without Gluon, and for FP8 MMAs,
     the Triton row tiles stay as they were."""
     from megamoe.kernels import prefill_wgmma
     from megamoe.kernels.config import EXACT_GLUON_FROM, is_wide, pick_config
@@ -505,11 +506,19 @@ def test_exact_gemms_past_three_rows_an_expert_take_the_gluon_shapes(rows_per_ex
         if not is_wide(exact):
             assert exact == plain
     shape = prefill_wgmma._shape_args(experts, True, rows)
-    narrow = rows_per_expert <= prefill_wgmma.EXACT_NARROW_UP_TO
-    assert shape["num_warps"] == (prefill_wgmma.EXACT_NARROW_WARPS if narrow else prefill_wgmma.EXACT_WARPS)
-    assert shape["STAGES"] == (prefill_wgmma.EXACT_NARROW_STAGES if narrow else prefill_wgmma.EXACT_STAGES)
-    assert shape["BLOCK_T"] == 16 * shape["num_warps"] and shape["BLOCK_W"] == prefill_wgmma.EXACT_ROWS_W
+    if rows_per_expert <= prefill_wgmma.EXACT_SMALL_UP_TO:
+        expected = (False, prefill_wgmma.NUM_WARPS, prefill_wgmma.NUM_STAGES, prefill_wgmma.EXACT_SMALL_TOKENS,
+                    16 * prefill_wgmma.NUM_WARPS)
+    elif rows_per_expert <= prefill_wgmma.EXACT_NARROW_UP_TO:
+        expected = (True, prefill_wgmma.EXACT_NARROW_WARPS, prefill_wgmma.EXACT_NARROW_STAGES,
+                    16 * prefill_wgmma.EXACT_NARROW_WARPS, prefill_wgmma.EXACT_ROWS_W)
+    else:
+        expected = (True, prefill_wgmma.EXACT_WARPS, prefill_wgmma.EXACT_STAGES, 16 * prefill_wgmma.EXACT_WARPS,
+                    prefill_wgmma.EXACT_ROWS_W)
+    assert (shape["TOKENS_M"], shape["num_warps"], shape["STAGES"], shape["BLOCK_T"], shape["BLOCK_W"]) == expected
+    assert shape["EXACT"]
     fp8 = prefill_wgmma._shape_args(experts, False, rows)
+    assert not fp8["EXACT"] and not fp8["TOKENS_M"]
     assert fp8["num_warps"] == prefill_wgmma.NUM_WARPS and fp8["BLOCK_T"] == prefill_wgmma.ROWS_T
 
 

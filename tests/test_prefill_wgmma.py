@@ -99,9 +99,9 @@ def test_exact_products_kernels_match_reference_and_triton_tiles(shape, tokens, 
     (MODEL_SHAPES["gpt-oss-120b"], 192, 16, "fp16")])
 def test_exact_products_take_the_gluon_kernels_past_three_rows_an_expert(shape, tokens, experts, mma, monkeypatch):
     """From `config.EXACT_GLUON_FROM` (3) rows an expert on, the exact GEMMs leave the Triton
-    row tiles for `_gemm_t`: 10, 24, 8 and 48 rows an expert here take its 64-token shape
-    (EXACT_NARROW_*), most tiles mostly padding and masked; the FP8 L2 of fp16-l1 keeps its
-    Triton row tiles."""
+    row tiles for the Gluon kernels: 10 and 8 rows an expert here take exact `_gemm` (16-token
+    tiles, EXACT_SMALL_*), 24 and 48 `_gemm_t`'s 64-token shape (EXACT_NARROW_*), most tiles
+    partly padding and masked; the FP8 L2 of fp16-l1 keeps its Triton row tiles."""
     gluon = ("launch_l1", "launch_l2") if mma == "fp16" else ("launch_l1",)
     err, err_triton = _errors_gluon_and_triton(shape, tokens, experts, tokens + 1, monkeypatch, mma=mma, gluon=gluon)
     if mma == "fp16":

@@ -46,7 +46,7 @@ def _gemm_kernel(a_ptr, as_ptr, src_ptr, w_ptr, ws_ptr, lut_ptr, out_ptr, tiles_
     TRANSPOSED: `_gemm_t` (exact products, the activations as the register operand): program
     (n, t) covers weight rows BLOCK_T n ... (BLOCK_T of them) and 16 WARPS rows of tile t."""
     BLOCK_W: gl.constexpr = 16 * WARPS
-    C: gl.constexpr = pw._accumulator_layout(WARPS, BLOCK_T, BLOCK_W, False)
+    C: gl.constexpr = pw._accumulator_layout(WARPS, BLOCK_T, BLOCK_W, False, False)
     CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
     CP_S: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     CP_W: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
@@ -58,7 +58,7 @@ def _gemm_kernel(a_ptr, as_ptr, src_ptr, w_ptr, ws_ptr, lut_ptr, out_ptr, tiles_
     r1 = gl.load(tiles_ptr + 3 * t + 2)
     if TRANSPOSED:
         BW: gl.constexpr = BLOCK_T    # the variant's second number: weight rows (tokens: 16 WARPS)
-        CT: gl.constexpr = pw._accumulator_layout(WARPS, 16 * WARPS, BW, True)
+        CT: gl.constexpr = pw._accumulator_layout(WARPS, 16 * WARPS, BW, True, True)
         nt = gl.program_id(0) * BW
         ra = r0 + gl.arange(0, 16 * WARPS, layout=gl.SliceLayout(1, CP_A))
         rs = r0 + gl.arange(0, 16 * WARPS, layout=CP_S)
@@ -87,7 +87,7 @@ def _gemm_kernel(a_ptr, as_ptr, src_ptr, w_ptr, ws_ptr, lut_ptr, out_ptr, tiles_
                            w_ptr + expert * stride_w_e, stride_w_tile, ws_ptr + expert * stride_ws_e, stride_ws_n,
                            (n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)),
                             n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))), lut_ptr, k_size,
-                           C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
+                           C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES, False)
         tok = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, C))
         nc = n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, C))
         out = out_ptr + nc.to(gl.int64)[:, None] * num_rows + tok[None, :]

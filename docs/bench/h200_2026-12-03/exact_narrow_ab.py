@@ -12,6 +12,13 @@ From v20 on, these modes (run from the repository root, PYTHONPATH=src):
     python exact_narrow_ab.py SHAPE TOKENS probe     run 62: FP8 L1 forced onto `_gemm` with 16, 32,
                                                      64 and 128 tokens a tile (ROWS_T), against the
                                                      Triton FP8 row tiles and fp16-l1 (v20)
+    python exact_narrow_ab.py SHAPE TOKENS small     run 64: exact `_gemm` (weights the M side,
+                                                     16-64 tokens the N side) against v20's `_gemm_t`
+                                                     at up to 64 rows an expert, fp16-l1, and FP8
+
+Run 64 ran exact `_gemm` with its first tile rule (the power of two from 16 to 64 at or above
+mean + sqrt(mean) rows an expert; "small" below sets EXACT_SMALL_UP_TO, and v21 keeps 16
+tokens a tile up to 12 rows an expert, where that rule gives 16 too).
 """
 import sys
 
@@ -31,6 +38,10 @@ def rows_t(tokens):
     pw.ROWS_T = tokens
 
 
+def small_up_to(rows):
+    pw.EXACT_SMALL_UP_TO = rows
+
+
 RUNS = {  # (label, mma, variant, setup)
     "layer": [("fp8", "fp8", "default", None), ("fp16-l1", "fp16-l1", "default", None),
               ("fp16", "fp16", "default", None)],
@@ -38,12 +49,14 @@ RUNS = {  # (label, mma, variant, setup)
               for w, r, s in ((4, 128, 2), (4, 64, 2), (4, 64, 3), (4, 128, 3), (4, 256, 2))],
     "probe": [("fp8", "fp8", "default", None), ("fp16-l1", "fp16-l1", "default", None)]
              + [(f"fp8-gluon-t{t}", "fp8", "l1wide", (t,)) for t in (16, 32, 64, 128)],
+    "small": [("fp8", "fp8", "default", None), ("f16-gemm_t", "fp16-l1", "default", (0,)),
+              ("f16-gemm", "fp16-l1", "default", (64,))],
 }[what]
 rows = []
 print(bd.HEADER, flush=True)
 for label, mma, variant, setup in RUNS:
     if setup:
-        (rows_t if what == "probe" else narrow)(*setup)
+        {"probe": rows_t, "small": small_up_to}.get(what, narrow)(*setup)
     try:
         for r in bd.breakdown(shape, tokens, [variant], mma=mma, log=lambda s: None):
             rows.append((label, r))

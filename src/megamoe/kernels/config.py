@@ -133,11 +133,12 @@ tiles 597), 897 -> 813, 1053 -> 1083."""
 EXACT_GLUON_FROM = 3.0
 """Average rows per local expert above which a GEMM on exact products (FP16 MMAs, the buffer's
 `mma`) takes a wide config where the Gluon kernels run (`exact_gluon`: `prefill_wgmma.supported`):
-rebased rows on `prefill_wgmma._gemm_t`, whose 64-token tiles beat the Triton FP16 row tiles from
-there on. Same run on an H200 (2026-12-03, run 60, docs/PERF.md v20), L1 us of the Triton FP16
-tiles -> `_gemm_t` at 256 / 1024 / 2048 tokens: v4-flash (6 / 24 / 48 rows an expert) 2177 ->
-2174, 3371 -> 2211, 3341 -> 2270 (FP8 MMAs: 1524, 2396, 3129); gpt-oss-120b (8 / 32 / 64) 1169
--> 1129, 2661 -> 1154, 1769 -> 1699 (FP8: 776, 2191, 1716)."""
+rebased rows on exact `_gemm` (16-token tiles) or `_gemm_t` (64 and 128), which beat the Triton
+FP16 row tiles from there on. Same runs on an H200 (2026-12-03, runs 60 and 64, docs/PERF.md
+v20-v21), L1 us of the Triton FP16 tiles -> the Gluon kernels: v4-flash at 256 / 1024 / 2048
+tokens (6 / 24 / 48 rows an expert) 2177 -> 1770 (exact `_gemm`, run 64; the Triton tiles from
+run 60), 3371 -> 2211, 3341 -> 2270 (`_gemm_t`, run 60); gpt-oss-120b at 1024 / 2048 (32 / 64)
+2661 -> 1154, 1769 -> 1699 (run 60)."""
 
 
 def pick_config(which: str, num_rows: int, num_local_experts: int, quantized: bool = True,

@@ -44,8 +44,10 @@ against FP8's 3233, L2 1750 against 1826; in the layer, fp16-l1 5214 us against 
 
 Used for the prefill tiles (`config.is_wide`) of the FP8 x MXFP4 mode on sm_90 when the rows
 are not gathered and the output is local (EP = 1 and the nccl backend): `supported`. Exact
-products take them from `config.EXACT_GLUON_FROM` (3) rows an expert on, with 64-token tiles up
-to EXACT_NARROW_UP_TO rows an expert (v20: faster there than the Triton FP16 row tiles).
+products take them from `config.EXACT_GLUON_FROM` (3) rows an expert on, faster there than the
+Triton FP16 row tiles: up to EXACT_SMALL_UP_TO rows an expert on `_gemm` with 16-token tiles
+(v21: the weights the M side, each step's activation rows converted to FP16 tiles in shared
+memory), then on `_gemm_t` with 64-token tiles up to EXACT_NARROW_UP_TO (v20), 128 past it.
 MEGAMOE_WGMMA=0 keeps the Triton tiles (A/B runs). Gluon kernels do not run under the Triton
 interpreter: the CPU tests cover the Triton tiles, the GPU tests these (tests/test_gpu.py,
 tests/test_prefill_wgmma.py).
@@ -83,12 +85,21 @@ weight rows a program (the wgmma's N side) and ring stages (docs/PERF.md, v19)..
 EXACT_NARROW_WARPS = 4
 EXACT_NARROW_STAGES = 2
 EXACT_NARROW_UP_TO = 64
-"""... and up to EXACT_NARROW_UP_TO average rows an expert (from `config.EXACT_GLUON_FROM` on, where
-the exact GEMMs leave the Triton row tiles for these kernels), one warpgroup of 64 tokens and two
+"""... and up to EXACT_NARROW_UP_TO average rows an expert (from EXACT_SMALL_UP_TO on; below that,
+exact `_gemm`), one warpgroup of 64 tokens and two
 ring stages. Same run on an H200 (2026-12-03, run 60, docs/PERF.md v20), L1 us of 4 warps x 2
 stages -> 8 warps x 3 stages at 6 / 24 / 48 rows an expert (v4-flash): 2174 -> 3297, 2211 ->
 3320, 2270 -> 3342; at 64 (gpt-oss-120b, 2048 tokens) 1699 -> 1770; at 96 (v4-flash, 4096
 tokens; the core alone, run 50) 4186 -> 3256."""
+EXACT_SMALL_UP_TO = 12
+EXACT_SMALL_TOKENS = 16
+"""... and up to EXACT_SMALL_UP_TO average rows an expert, `_gemm` on exact products instead
+(v21: weights the M side, EXACT_SMALL_TOKENS tokens the N side, both operands FP16 in shared
+memory, NUM_WARPS and NUM_STAGES). Same run on an H200 (2026-12-03, run 64, docs/PERF.md v21),
+L1 us of `_gemm_t` -> exact `_gemm` at 4 / 6 / 8 / 12 rows an expert: 1120 -> 886
+(gpt-oss-120b, 128 tokens), 2158 -> 1770 (v4-flash, 256), 1132 -> 910 (gpt-oss-120b, 256),
+2178 -> 1948 (v4-flash, 512); at 16 and 24 `_gemm_t` is faster: 1134 against 1300 with 32-token
+tiles (gpt-oss-120b, 512), 2198 against 2584 (v4-flash, 1024)."""
 WARP_SPECIALIZED = False
 """Run `_gemm_ws` (one MMA warpgroup, four copy/decode warps; NUM_WARPS must be 4) instead of
 `_gemm` (FP8 MMAs only; the exact-products kernels always run `_gemm_t`)."""
@@ -390,6 +401,17 @@ def _fp8_operands(decs, cur, b):
 
 
 @gluon.jit
+def _convert_into(a_ring, a16s, slot, buf, WARPS: gl.constexpr):
+    """The FP8 activation rows of ring slot `slot` as FP16 (exact: every e4m3 value is an FP16
+    value) into buffer `buf` of the four [BLOCK_T, 32] group tiles `a16s`, exact `_gemm`'s
+    shared operands."""
+    CVT: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [WARPS, 1], [1, 0])
+    a = a_ring.index(slot)
+    for g in gl.static_range(4):
+        a16s[g].index(buf).store(a.slice(32 * g, 32, dim=1).load(CVT).to(gl.float16))
+
+
+@gluon.jit
 def _start(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows_a, a_rows_s, ok_a, ok_s, w_ptr, stride_w_tile, ws_ptr,
            stride_ws_n, w_rows_w, w_rows_ws, lut_ptr, k_size, CP_A: gl.constexpr, CP_W: gl.constexpr,
            CP_WS: gl.constexpr, RAW: gl.constexpr, BLOCK_W: gl.constexpr, BLOCK_T: gl.constexpr,
@@ -438,7 +460,8 @@ def _next_step(rings, sources, step, steps, k_size, lut_ptr, k_groups, RAW: gl.c
 @gluon.jit
 def _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride_w_tile, ws_ptr, stride_ws_n,
           w_rows, lut_ptr, k_size, C: gl.constexpr, CP_A: gl.constexpr, CP_S: gl.constexpr, CP_W: gl.constexpr,
-          CP_WS: gl.constexpr, WARPS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr):
+          CP_WS: gl.constexpr, WARPS: gl.constexpr, BLOCK_T: gl.constexpr, STAGES: gl.constexpr,
+          EXACT: gl.constexpr):
     """acc [BLOCK_W, BLOCK_T] (layout C) = sum over K of W[w_rows] A[a_rows]^T with their
     scales, W the expert's MXFP4 weights (kernel layout, weights.py; ws_ptr its bf16 scales
     read as int32 pairs, so that cp.async moves at least 4 bytes whatever the row stride), A
@@ -446,7 +469,10 @@ def _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride
     its four entries). a_rows / row_ok: [BLOCK_T] in SliceLayout(1,
     CP_A) and in CP_S (pairs); w_rows: [BLOCK_W] in SliceLayout(1, CP_W) and SliceLayout(1,
     CP_WS) (pairs). WARPS (one warpgroup, or two: 64 or 128 weight rows), BLOCK_T and
-    STAGES are parameters for tools/wgmma_prefill.py's variants."""
+    STAGES are parameters for tools/wgmma_prefill.py's variants.
+    EXACT: exact products on the FP16 tensor cores (for tiles of few tokens: `_gemm_t` puts 64
+    on the M side): the weights decode to FP16 and each step's activation rows are converted
+    into FP16 tiles (`_convert_into`) beside the decode; C's instruction shape is then k16."""
     BLOCK_W: gl.constexpr = 16 * WARPS
     a_rows_a, a_rows_s = a_rows
     ok_a, ok_s = row_ok
@@ -459,19 +485,34 @@ def _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride
 
     rings, sources, top = _start(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows_a, a_rows_s, ok_a, ok_s, w_ptr,
                                  stride_w_tile, ws_ptr, stride_ws_n, w_rows_w, w_rows_ws, lut_ptr, k_size, CP_A,
-                                 CP_W, CP_WS, RAW, BLOCK_W, BLOCK_T, STAGES, False)
+                                 CP_W, CP_WS, RAW, BLOCK_W, BLOCK_T, STAGES, EXACT)
     a_ring, s_ring, decs = rings[0], rings[1], rings[4]
+    if EXACT:
+        a16s = _group_tiles(gl.float16, BLOCK_T, 64)
+        _convert_into(a_ring, a16s, 0, 0, WARPS)
+        fence_async_shared()
+    # A row's step scale is 2^(top - BIAS): the FP8 fold's 2^6, the FP16 decode's 2^1.
+    BIAS: gl.constexpr = 128 if EXACT else 133
     acc = gl.zeros([BLOCK_W, BLOCK_T], gl.float32, C)
     for step in range(steps):
         slot = step % STAGES
         cur = step % 2
-        b = a_ring.index(slot)
-        w_ops, a_ops = _fp8_operands(decs, cur, b)
+        if EXACT:
+            w_ops = (decs[0].index(cur), decs[1].index(cur), decs[2].index(cur), decs[3].index(cur))
+            a_ops = (a16s[0].index(cur).permute((1, 0)), a16s[1].index(cur).permute((1, 0)),
+                     a16s[2].index(cur).permute((1, 0)), a16s[3].index(cur).permute((1, 0)))
+        else:
+            w_ops, a_ops = _fp8_operands(decs, cur, a_ring.index(slot))
         part = _step_mmas(w_ops, a_ops, acc)
-        ntop = _next_step(rings, sources, step, steps, k_size, lut_ptr, k_groups, RAW, STAGES, False)
+        ntop = _next_step(rings, sources, step, steps, k_size, lut_ptr, k_groups, RAW, STAGES, EXACT)
+        if EXACT:
+            # Buffer 1 - cur was last read by the previous step's MMAs, waited for.
+            _convert_into(a_ring, a16s, (step + 1) % STAGES, 1 - cur, WARPS)
+            fence_async_shared()
         part = warpgroup_mma_wait(0, deps=[part])
-        # The step's weight scale 2^(top - 133) and activation scale; both powers of two.
-        sw = gl.convert_layout(((gl.maximum(top, 7) - 6) << 23).to(gl.float32, bitcast=True), ROWS_C)
+        # The step's weight scale and activation scale; both powers of two.
+        sw = gl.convert_layout(((gl.maximum(top, BIAS - 126) - (BIAS - 127)) << 23).to(gl.float32, bitcast=True),
+                               ROWS_C)
         sa = s_ring.index(slot).load(COLS_C)
         acc += part * (sw[:, None] * sa[None, :])
         top = ntop
@@ -668,13 +709,14 @@ def _copy_step(a_slot, s_slot, w_slot, ws_slot, a_src, a_ok, ak, s_src, ok_s, w_
 
 
 @gluon.constexpr_function
-def _accumulator_layout(warps, block_t, block_w, exact):
-    """The wgmma accumulator of `warps` warps: FP8 (`_gemm`), [16 warps weight rows, block_t
-    tokens] of k32 instructions; exact (`_gemm_t`), [16 warps tokens, block_w weight rows] of
-    k16 instructions."""
-    if exact:
+def _accumulator_layout(warps, block_t, block_w, exact, tokens_m):
+    """The wgmma accumulator of `warps` warps: `_gemm`, [16 warps weight rows, block_t tokens]
+    of k32 instructions (FP8) or k16 (exact); `_gemm_t` (tokens_m), [16 warps tokens, block_w
+    weight rows] of k16 instructions."""
+    if tokens_m:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, block_w, 16])
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, block_t, 32])
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1],
+                                     instr_shape=[16, block_t, 16 if exact else 32])
 
 
 @gluon.jit
@@ -683,14 +725,16 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
                inter_ptr, inter_scale_ptr, stride_is_m, hidden, inter, num_experts, num_topk, clamp,
                HAS_CLAMP: gl.constexpr, INTER_SF_FP32: gl.constexpr, HAS_BIAS: gl.constexpr, GPT_OSS: gl.constexpr,
                BLOCK_E: gl.constexpr, PDL: gl.constexpr, WARPS: gl.constexpr, BLOCK_T: gl.constexpr,
-               BLOCK_W: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, EXACT: gl.constexpr):
+               BLOCK_W: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, EXACT: gl.constexpr,
+               TOKENS_M: gl.constexpr):
     """Program (n, t): intermediate columns BLOCK_W / 2 n ... (BLOCK_W / 2 of them) of row tile t
     (BLOCK_T rows). Its BLOCK_W weight rows interleave gate and up rows in blocks of 8 (tile row 16 b + i: gate row
     8 b + i for i < 8, up row 8 b + i - 8 otherwise), so that in the wgmma accumulator each
     thread holds a column's gate and up (rows r and r + 8) and the SwiGLU needs no data movement.
-    EXACT: exact products (`_gemm_t`, BLOCK_T = 16 WARPS; its accumulator holds the weight rows
-    on the N side, and there too a thread holds columns c and c + 8). Else BLOCK_W = 16 WARPS."""
-    C: gl.constexpr = _accumulator_layout(WARPS, BLOCK_T, BLOCK_W, EXACT)
+    EXACT: exact products; TOKENS_M: on `_gemm_t` (BLOCK_T = 16 WARPS; its accumulator holds the
+    weight rows on the N side, and there too a thread holds columns c and c + 8), else on `_gemm`
+    (BLOCK_W = 16 WARPS, as with FP8 MMAs)."""
+    C: gl.constexpr = _accumulator_layout(WARPS, BLOCK_T, BLOCK_W, EXACT, TOKENS_M)
     CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
     CP_S: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     CP_W: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
@@ -715,7 +759,7 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
             jw = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W))
             jws = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))
             w_rows = (_l1_weight_row(jw, col0, inter), _l1_weight_row(jws, col0, inter))
-            if EXACT:
+            if TOKENS_M:
                 acc = gl.permute(_gemm_t(a_ptr, stride_a, a_scale_ptr, stride_as, (src_a, src_s), (ra < r1, rs < r1),
                                          w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e,
                                          stride_ws_n, w_rows, lut_ptr, hidden, C, CP_A, CP_S, CP_W, CP_WS, WARPS,
@@ -723,7 +767,7 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
             else:
                 acc = _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, (src_a, src_s), (ra < r1, rs < r1),
                             w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
-                            w_rows, lut_ptr, hidden, C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
+                            w_rows, lut_ptr, hidden, C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES, EXACT)
         if HAS_BIAS:
             ACC: gl.constexpr = gl.constexpr(acc.type.layout)
             jc = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, ACC))
@@ -774,10 +818,11 @@ def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_
                w_ptr, stride_w_e, stride_w_tile, ws_ptr, stride_ws_e, stride_ws_n, bias_ptr, lut_ptr, out_ptr,
                hidden, inter, num_experts, HAS_BIAS: gl.constexpr, BLOCK_E: gl.constexpr, PDL: gl.constexpr,
                WARPS: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_W: gl.constexpr, STAGES: gl.constexpr,
-               WS: gl.constexpr, EXACT: gl.constexpr):
-    """Program (n, t): hidden columns 16 WARPS n ... (16 WARPS of them) of row tile t; row i of
-    the sorted intermediate rows goes to combine row sorted_rows[i] (as `l2._l2_tile`)."""
-    C: gl.constexpr = _accumulator_layout(WARPS, BLOCK_T, BLOCK_W, EXACT)
+               WS: gl.constexpr, EXACT: gl.constexpr, TOKENS_M: gl.constexpr):
+    """Program (n, t): hidden columns n BLOCK_W ... (BLOCK_W of them) of row tile t; row i of
+    the sorted intermediate rows goes to combine row sorted_rows[i] (as `l2._l2_tile`). EXACT,
+    TOKENS_M: as `_l1_kernel`'s."""
+    C: gl.constexpr = _accumulator_layout(WARPS, BLOCK_T, BLOCK_W, EXACT, TOKENS_M)
     CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
     CP_S: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     CP_W: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
@@ -798,7 +843,7 @@ def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_
             rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
             w_rows = (gl.minimum(n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)), hidden - 1),
                       gl.minimum(n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS)), hidden - 1))
-            if EXACT:
+            if TOKENS_M:
                 acc = gl.permute(_gemm_t(inter_ptr, inter, inter_scale_ptr, stride_is_m, (ra, rs), (ra < r1, rs < r1),
                                          w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e,
                                          stride_ws_n, w_rows, lut_ptr, inter, C, CP_A, CP_S, CP_W, CP_WS, WARPS,
@@ -806,7 +851,7 @@ def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_
             else:
                 acc = _gemm(inter_ptr, inter, inter_scale_ptr, stride_is_m, (ra, rs), (ra < r1, rs < r1),
                             w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
-                            w_rows, lut_ptr, inter, C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES)
+                            w_rows, lut_ptr, inter, C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES, EXACT)
         ACC: gl.constexpr = gl.constexpr(acc.type.layout)
         rows = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACC))
         row_ok = rows < r1
@@ -828,18 +873,23 @@ def _grid(num_entries: int, num_experts: int, columns: int, per_program: int, bl
 def _shape_args(experts: int, exact: bool, num_entries: int) -> dict:
     """Launch parameters from the module's switches (read at each launch, for A/B scripts).
     The exact-products kernels run `_gemm_t` (no warp specialization) with the EXACT_* shape,
-    or the EXACT_NARROW_* one up to EXACT_NARROW_UP_TO rows an expert."""
+    or the EXACT_NARROW_* one up to EXACT_NARROW_UP_TO rows an expert, or up to
+    EXACT_SMALL_UP_TO rows an expert `_gemm` with EXACT_SMALL_TOKENS tokens a tile."""
     ws = WARP_SPECIALIZED and not exact
     if ws and NUM_WARPS != 4:
         raise ValueError(f"prefill_wgmma: WARP_SPECIALIZED needs NUM_WARPS = 4, not {NUM_WARPS}")
-    narrow = exact and num_entries <= EXACT_NARROW_UP_TO * experts
-    if exact:
+    mean = num_entries / max(experts, 1)
+    tokens_m = exact and mean > EXACT_SMALL_UP_TO
+    if tokens_m:
+        narrow = mean <= EXACT_NARROW_UP_TO
         warps, stages = (EXACT_NARROW_WARPS, EXACT_NARROW_STAGES) if narrow else (EXACT_WARPS, EXACT_STAGES)
+        block_t, block_w = 16 * warps, EXACT_ROWS_W
     else:
         warps, stages = NUM_WARPS, NUM_STAGES
-    return dict(BLOCK_E=triton.next_power_of_2(max(experts, 32 * warps)), WARPS=warps,
-                BLOCK_T=16 * warps if exact else ROWS_T, BLOCK_W=EXACT_ROWS_W if exact else 16 * warps,
-                STAGES=stages, num_warps=warps, WS=ws, EXACT=exact, **(dict(maxnreg=WS_MAXNREG) if ws else {}))
+        block_t, block_w = (EXACT_SMALL_TOKENS if exact else ROWS_T), 16 * warps
+    return dict(BLOCK_E=triton.next_power_of_2(max(experts, 32 * warps)), WARPS=warps, BLOCK_T=block_t,
+                BLOCK_W=block_w, STAGES=stages, num_warps=warps, WS=ws, EXACT=exact, TOKENS_M=tokens_m,
+                **(dict(maxnreg=WS_MAXNREG) if ws else {}))
 
 
 def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts, pdl: dict) -> None:
