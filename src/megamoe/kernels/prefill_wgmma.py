@@ -40,7 +40,10 @@ WARPS tokens, the wgmma's M side) go from the FP8 ring into registers as FP16, t
 operand of FP16 wgmma; the decoded weights (128 rows, the N side) are the shared operand. The
 accumulator is [tokens, weight rows]; transposed, the epilogues are the FP8 kernels'. Measured
 (H200, 2026-12-03, same run, v4-flash at 4096 tokens, docs/PERF.md v19): the core's L1 3256 us
-against FP8's 3233, L2 1750 against 1826; in the layer, fp16-l1 5214 us against fp8 5123.
+against FP8's 3233, L2 1750 against 1826; in the layer, fp16-l1 5214 us against fp8 5123. With
+few rows an expert (EXACT_SMALL_UP_TO) they run `_gemm` with EXACT instead: the FP16 weights
+keep the M side, and each step's activation rows are converted into FP16 tiles in shared memory
+for 16-token tiles on the N side (v21).
 
 Used for the prefill tiles (`config.is_wide`) of the FP8 x MXFP4 mode on sm_90 when the rows
 are not gathered and the output is local (EP = 1 and the nccl backend): `supported`. Exact
@@ -85,12 +88,11 @@ weight rows a program (the wgmma's N side) and ring stages (docs/PERF.md, v19)..
 EXACT_NARROW_WARPS = 4
 EXACT_NARROW_STAGES = 2
 EXACT_NARROW_UP_TO = 64
-"""... and up to EXACT_NARROW_UP_TO average rows an expert (from EXACT_SMALL_UP_TO on; below that,
-exact `_gemm`), one warpgroup of 64 tokens and two
-ring stages. Same run on an H200 (2026-12-03, run 60, docs/PERF.md v20), L1 us of 4 warps x 2
-stages -> 8 warps x 3 stages at 6 / 24 / 48 rows an expert (v4-flash): 2174 -> 3297, 2211 ->
-3320, 2270 -> 3342; at 64 (gpt-oss-120b, 2048 tokens) 1699 -> 1770; at 96 (v4-flash, 4096
-tokens; the core alone, run 50) 4186 -> 3256."""
+"""... and from EXACT_SMALL_UP_TO up to EXACT_NARROW_UP_TO average rows an expert, one warpgroup
+of 64 tokens and two ring stages. Same run on an H200 (2026-12-03, run 60, docs/PERF.md v20), L1
+us of 4 warps x 2 stages -> 8 warps x 3 stages at 6 / 24 / 48 rows an expert (v4-flash): 2174 ->
+3297, 2211 -> 3320, 2270 -> 3342; at 64 (gpt-oss-120b, 2048 tokens) 1699 -> 1770; at 96
+(v4-flash, 4096 tokens; the core alone, run 50) 4186 -> 3256."""
 EXACT_SMALL_UP_TO = 12
 EXACT_SMALL_TOKENS = 16
 """... and up to EXACT_SMALL_UP_TO average rows an expert, `_gemm` on exact products instead
@@ -102,7 +104,7 @@ L1 us of `_gemm_t` -> exact `_gemm` at 4 / 6 / 8 / 12 rows an expert: 1120 -> 88
 tiles (gpt-oss-120b, 512), 2198 against 2584 (v4-flash, 1024)."""
 WARP_SPECIALIZED = False
 """Run `_gemm_ws` (one MMA warpgroup, four copy/decode warps; NUM_WARPS must be 4) instead of
-`_gemm` (FP8 MMAs only; the exact-products kernels always run `_gemm_t`)."""
+`_gemm` (FP8 MMAs only; the exact-products kernels always run `_gemm_t` or exact `_gemm`)."""
 WS_MAXNREG = 128
 """Registers a thread of a warp-specialized program (8 warps): two programs an SM."""
 TABLE_ROWS = 24
