@@ -1,7 +1,7 @@
 """Compile the fused kernels for sm_90a on a machine without a GPU and report registers,
 spills, shared memory and which MMA instructions the SASS uses.
 
-    python tools/inspect_kernels.py [--sass DIR] [--symm] [--f16-mma]
+    python tools/inspect_kernels.py [--sass DIR] [--symm] [--f16-mma] [--gluon]
 
 Triton's wheel carries ptxas and nvdisasm, so this needs no CUDA device: the resource
 report and the disassembly answer most performance questions before any GPU time is spent.
@@ -16,8 +16,10 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
 from megamoe.experts import _register_cap
+from megamoe.kernels import prefill_wgmma
 from megamoe.kernels.config import GemmConfig, fma_ahead, is_wide, pick_config
 from megamoe.kernels.l1_swiglu import _l1_swiglu_kernel
 from megamoe.kernels.l2 import _l2_kernel
@@ -38,18 +40,19 @@ def _signature(fn, types, constexprs):
 
 
 def compile_kernel(fn, types, constexprs, num_warps, num_stages, maxnreg=None):
+    gluon = fn in (prefill_wgmma._l1_kernel, prefill_wgmma._l2_kernel)
     sig = _signature(fn, types, constexprs)
     # As at a real launch, where Triton specialises pointers and integers divisible by 16.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if sig[name] != "constexpr" and sig[name] != "fp32" and name not in NOT_DIVISIBLE}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    src = (GluonASTSource if gluon else ASTSource)(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     options = dict(num_warps=num_warps, num_stages=num_stages)
     if maxnreg is not None:
         options["maxnreg"] = maxnreg
     return triton.compile(src, target=TARGET, options=options)
 
 
-NOT_DIVISIBLE = {"num_local_experts", "num_topk", "num_cols_tiles", "rank", "num_ranks", "entries_per_rank",
+NOT_DIVISIBLE = {"num_local_experts", "num_experts", "num_topk", "num_cols_tiles", "rank", "num_ranks", "entries_per_rank",
                  "sf_words", "groups"}
 L1_TYPES = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", topk_weights_ptr="*fp32", sorted_rows_ptr="*i32",
                 expert_offsets_ptr="*i32", w_ptr="*u8", w_scale_ptr="*bf16", inter_ptr="*fp8e4nv",
@@ -57,6 +60,13 @@ L1_TYPES = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", topk_weights_ptr="*fp32",
 L2_TYPES = dict(inter_ptr="*fp8e4nv", inter_scale_ptr="*fp32", sorted_rows_ptr="*i32", expert_offsets_ptr="*i32",
                 w_ptr="*u8", w_scale_ptr="*bf16", out_ptr="*bf16", topk_weights_ptr="*fp32", bias_ptr="*fp32",
                 peer_ptrs_ptr="*i64", out_offset="i64")
+GLUON_L1_TYPES = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", topk_weights_ptr="*fp32", sorted_rows_ptr="*i32",
+                      expert_offsets_ptr="*i32", w_ptr="*u8", ws_ptr="*i32", bias_ptr="*fp32", lut_ptr="*i32",
+                      inter_ptr="*fp8e4nv", inter_scale_ptr="*fp32", clamp="fp32", stride_w_e="i64",
+                      stride_ws_e="i64")
+GLUON_L2_TYPES = dict(inter_ptr="*fp8e4nv", inter_scale_ptr="*fp32", sorted_rows_ptr="*i32", expert_offsets_ptr="*i32",
+                      topk_weights_ptr="*fp32", w_ptr="*u8", ws_ptr="*i32", bias_ptr="*fp32", lut_ptr="*i32",
+                      out_ptr="*bf16", stride_w_e="i64", stride_ws_e="i64")
 BARRIER_TYPES = dict(peer_ptrs_ptr="*i64", signals_offset="i64", signals_ptr="*i64", meta_ptr="*i32",
                      error_address="i64", timeout_ns="i64", max_polls="i64")
 GATHER_TYPES = dict(peer_ptrs_ptr="*i64", x_offset="i64", sf_offset="i64", weights_offset="i64",
@@ -113,18 +123,35 @@ def variants():
             QUANTIZED=True, BLOCK_W=512, BLOCK_G=128, PDL=True)
 
 
+def gluon_variants():
+    """The Gluon kernels of kernels/prefill_wgmma.py as `_shape_args` launches them for 256
+    experts: FP8 `_gemm` at prefill (200 rows an expert) and the exact products at 8 (exact
+    `_gemm`), 24 (`_gemm_t`, 64 tokens) and 200 rows an expert (`_gemm_t`, 128 tokens). The
+    config's block_m is the tokens a tile, block_n the weight rows a program."""
+    for exact, rows_per_expert in ((False, 200), (True, 8), (True, 24), (True, 200)):
+        shape = prefill_wgmma._shape_args(256, exact, rows_per_expert * 256)
+        warps = shape.pop("num_warps")
+        cfg = GemmConfig(shape["BLOCK_T"], shape["BLOCK_W"], warps, shape["STAGES"])
+        core = "gemm_t" if shape["TOKENS_M"] else "gemm"
+        tag = f"{core}{'-exact' if exact else ''}"
+        yield (f"gl1-{tag}", cfg), prefill_wgmma._l1_kernel, GLUON_L1_TYPES, dict(
+            shape, HAS_CLAMP=False, INTER_SF_FP32=False, HAS_BIAS=False, GPT_OSS=False, PDL=True)
+        yield (f"gl2-{tag}", cfg), prefill_wgmma._l2_kernel, GLUON_L2_TYPES, dict(shape, HAS_BIAS=False, PDL=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sass", help="write each kernel's PTX and SASS into this folder")
     parser.add_argument("--symm", action="store_true", help="also the symm backend's kernel variants")
     parser.add_argument("--f16-mma", action="store_true", help="the GEMMs of MegaMoEBuffer(mma='fp16')")
+    parser.add_argument("--gluon", action="store_true", help="the Gluon kernels of kernels/prefill_wgmma.py instead")
     args = parser.parse_args()
     global SYMM, F16_MMA
     SYMM = args.symm
     F16_MMA = args.f16_mma
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     nvdisasm, cuobjdump = os.path.join(bin_dir, "nvdisasm"), os.path.join(bin_dir, "cuobjdump")
-    for (name, cfg), fn, types, constexprs in variants():
+    for (name, cfg), fn, types, constexprs in (gluon_variants() if args.gluon else variants()):
         block_m = cfg.block_m
         # The launchers' register cap (experts._register_cap) where they set one.
         persistent_fp8 = constexprs.get("PERSISTENT", False) and constexprs["QUANTIZED"]
