@@ -157,18 +157,17 @@ def pick_config(which: str, num_rows: int, num_local_experts: int, quantized: bo
         return GemmConfig(1, 32 if which == "l1" else 64, 4, 1)
     if quantized and rows_per_expert <= MIX_UP_TO:
         return GemmConfig(16, 32 if which == "l1" else 64, 4, 4, fma_mix=2)
-    if exact_gluon and rows_per_expert > EXACT_GLUON_FROM:
-        return GemmConfig(64, 64 if which == "l1" else 128, 8, 3)
     # Decode tiles are memory-bound: narrow weight tiles make more programs to stream weights in
     # parallel (measured on an H200, docs/PERF.md). Wider row tiles reuse each decoded weight
-    # tile for more tokens; 64 is the widest that fits the registers without spilling.
-    if rows_per_expert <= 16:
-        block_m, warps, stages = 16, 4, 4
-        block_n = 32 if which == "l1" else 64
-    elif rows_per_expert <= 32:
-        block_m, warps, stages = 32, 4, 4
-        block_n = 32 if which == "l1" else 64
-    else:
+    # tile for more tokens; 64 is the widest that fits the registers without spilling. Exact
+    # products on the Gluon kernels take the wide tiles from EXACT_GLUON_FROM rows an expert on.
+    if rows_per_expert > 32 or (exact_gluon and rows_per_expert > EXACT_GLUON_FROM):
         block_m, warps, stages = 64, 8, 3
         block_n = 64 if which == "l1" else 128
+    elif rows_per_expert <= 16:
+        block_m, warps, stages = 16, 4, 4
+        block_n = 32 if which == "l1" else 64
+    else:
+        block_m, warps, stages = 32, 4, 4
+        block_n = 32 if which == "l1" else 64
     return GemmConfig(block_m, block_n, warps, stages)

@@ -394,12 +394,24 @@ def _step_mmas(a, b, acc):
 
 
 @gluon.jit
+def _tiles_at(tiles, buf):
+    """Buffer `buf` of each of four double-buffered group tiles (`_group_tiles`)."""
+    return tiles[0].index(buf), tiles[1].index(buf), tiles[2].index(buf), tiles[3].index(buf)
+
+
+@gluon.jit
+def _transposed(t):
+    """Each of four [rows, 32] tiles as [32, rows]: the K-major shared operand of a wgmma."""
+    return t[0].permute((1, 0)), t[1].permute((1, 0)), t[2].permute((1, 0)), t[3].permute((1, 0))
+
+
+@gluon.jit
 def _fp8_operands(decs, cur, b):
     """`_gemm`'s operands of a step: the decoded weight tiles of buffer `cur` and, transposed,
     the four [BLOCK_T, 32] column groups of activation ring slot `b`."""
-    return ((decs[0].index(cur), decs[1].index(cur), decs[2].index(cur), decs[3].index(cur)),
-            (b.slice(0, 32, dim=1).permute((1, 0)), b.slice(32, 32, dim=1).permute((1, 0)),
-             b.slice(64, 32, dim=1).permute((1, 0)), b.slice(96, 32, dim=1).permute((1, 0))))
+    return (_tiles_at(decs, cur),
+            _transposed((b.slice(0, 32, dim=1), b.slice(32, 32, dim=1), b.slice(64, 32, dim=1),
+                         b.slice(96, 32, dim=1))))
 
 
 @gluon.jit
@@ -500,9 +512,8 @@ def _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride
         slot = step % STAGES
         cur = step % 2
         if EXACT:
-            w_ops = (decs[0].index(cur), decs[1].index(cur), decs[2].index(cur), decs[3].index(cur))
-            a_ops = (a16s[0].index(cur).permute((1, 0)), a16s[1].index(cur).permute((1, 0)),
-                     a16s[2].index(cur).permute((1, 0)), a16s[3].index(cur).permute((1, 0)))
+            w_ops = _tiles_at(decs, cur)
+            a_ops = _transposed(_tiles_at(a16s, cur))
         else:
             w_ops, a_ops = _fp8_operands(decs, cur, a_ring.index(slot))
         part = _step_mmas(w_ops, a_ops, acc)
@@ -556,9 +567,7 @@ def _gemm_t(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stri
         x1 = b.slice(32, 32, dim=1).load(DA).to(gl.float16)
         x2 = b.slice(64, 32, dim=1).load(DA).to(gl.float16)
         x3 = b.slice(96, 32, dim=1).load(DA).to(gl.float16)
-        part = _step_mmas((x0, x1, x2, x3), (decs[0].index(cur).permute((1, 0)), decs[1].index(cur).permute((1, 0)),
-                                             decs[2].index(cur).permute((1, 0)), decs[3].index(cur).permute((1, 0))),
-                          acc)
+        part = _step_mmas((x0, x1, x2, x3), _transposed(_tiles_at(decs, cur)), acc)
         ntop = _next_step(rings, sources, step, steps, k_size, lut_ptr, k_groups, RAW, STAGES, True)
         part = warpgroup_mma_wait(0, deps=[part])
         # The weight scale 2^(top - 128) (the FP16 decode's 2^1) and the activation scale.
@@ -567,6 +576,23 @@ def _gemm_t(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stri
         acc += part * (sa[:, None] * sw[None, :])
         top = ntop
     async_copy.wait_group(0)
+    return acc
+
+
+@gluon.jit
+def _gemm_core(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride_w_tile, ws_ptr, stride_ws_n,
+               w_rows, lut_ptr, k_size, C: gl.constexpr, CP_A: gl.constexpr, CP_S: gl.constexpr, CP_W: gl.constexpr,
+               CP_WS: gl.constexpr, WARPS: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_W: gl.constexpr,
+               STAGES: gl.constexpr, EXACT: gl.constexpr, TOKENS_M: gl.constexpr):
+    """The kernels' GEMM core, acc [BLOCK_W, BLOCK_T]: `_gemm_t`'s accumulator transposed
+    (TOKENS_M), else `_gemm`'s (FP8 MMAs, or exact products with EXACT). Arguments as `_gemm`'s."""
+    if TOKENS_M:
+        acc = gl.permute(_gemm_t(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride_w_tile,
+                                 ws_ptr, stride_ws_n, w_rows, lut_ptr, k_size, C, CP_A, CP_S, CP_W, CP_WS, WARPS,
+                                 BLOCK_W, STAGES), (1, 0))
+    else:
+        acc = _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, a_rows, row_ok, w_ptr, stride_w_tile, ws_ptr,
+                    stride_ws_n, w_rows, lut_ptr, k_size, C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES, EXACT)
     return acc
 
 
@@ -761,15 +787,10 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
             jw = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W))
             jws = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS))
             w_rows = (_l1_weight_row(jw, col0, inter), _l1_weight_row(jws, col0, inter))
-            if TOKENS_M:
-                acc = gl.permute(_gemm_t(a_ptr, stride_a, a_scale_ptr, stride_as, (src_a, src_s), (ra < r1, rs < r1),
-                                         w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e,
-                                         stride_ws_n, w_rows, lut_ptr, hidden, C, CP_A, CP_S, CP_W, CP_WS, WARPS,
-                                         BLOCK_W, STAGES), (1, 0))
-            else:
-                acc = _gemm(a_ptr, stride_a, a_scale_ptr, stride_as, (src_a, src_s), (ra < r1, rs < r1),
-                            w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
-                            w_rows, lut_ptr, hidden, C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES, EXACT)
+            acc = _gemm_core(a_ptr, stride_a, a_scale_ptr, stride_as, (src_a, src_s), (ra < r1, rs < r1),
+                             w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
+                             w_rows, lut_ptr, hidden, C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, BLOCK_W, STAGES,
+                             EXACT, TOKENS_M)
         if HAS_BIAS:
             ACC: gl.constexpr = gl.constexpr(acc.type.layout)
             jc = gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, ACC))
@@ -845,15 +866,10 @@ def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_
             rs = r0 + gl.arange(0, BLOCK_T, layout=CP_S)
             w_rows = (gl.minimum(n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_W)), hidden - 1),
                       gl.minimum(n0 + gl.arange(0, BLOCK_W, layout=gl.SliceLayout(1, CP_WS)), hidden - 1))
-            if TOKENS_M:
-                acc = gl.permute(_gemm_t(inter_ptr, inter, inter_scale_ptr, stride_is_m, (ra, rs), (ra < r1, rs < r1),
-                                         w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e,
-                                         stride_ws_n, w_rows, lut_ptr, inter, C, CP_A, CP_S, CP_W, CP_WS, WARPS,
-                                         BLOCK_W, STAGES), (1, 0))
-            else:
-                acc = _gemm(inter_ptr, inter, inter_scale_ptr, stride_is_m, (ra, rs), (ra < r1, rs < r1),
-                            w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
-                            w_rows, lut_ptr, inter, C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, STAGES, EXACT)
+            acc = _gemm_core(inter_ptr, inter, inter_scale_ptr, stride_is_m, (ra, rs), (ra < r1, rs < r1),
+                             w_ptr + e64 * stride_w_e, stride_w_tile, ws_ptr + e64 * stride_ws_e, stride_ws_n,
+                             w_rows, lut_ptr, inter, C, CP_A, CP_S, CP_W, CP_WS, WARPS, BLOCK_T, BLOCK_W, STAGES,
+                             EXACT, TOKENS_M)
         ACC: gl.constexpr = gl.constexpr(acc.type.layout)
         rows = r0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACC))
         row_ok = rows < r1
