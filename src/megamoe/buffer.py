@@ -263,8 +263,9 @@ class MegaMoEBuffer:
                           the contract (docs/RELIABILITY.md, finding 6). "fp16-l1": L1 on
                           the same FP8 operands converted exactly to FP16 (exact products,
                           FP32 sums), L2 on FP8 MMAs: every token within 6.5e-3 there, at
-                          1.01-1.02x the time at 4096 tokens and 1.10-1.27x at 64-1024 (H200,
-                          2026-12-03, docs/PERF.md v19). "fp16": both GEMMs exact.
+                          1.10-1.20x the time at 64-256 tokens, 1.01-1.03x at 512 and 4096,
+                          0.68-0.99x at 1024-2048 (EP = 1, H200, 2026-12-03, docs/PERF.md
+                          v20-v21). "fp16": both GEMMs exact.
     device:               where to allocate; default: the current CUDA device, else the CPU.
                           With a group, the collectives run on tensors of this device.
 
