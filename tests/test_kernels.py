@@ -278,7 +278,7 @@ def _fma_tiles(l1_stages: int, l2_rows: int, l2_stages: int, k_split: int = 1) -
 def test_fma_tiles_multiply_exactly(case, tiles, device):
     """The FMA tiles (one or two rows, FP32 units; weights loaded a step ahead or not; K split
     over the program's warps or not) multiply the FP8 and MXFP4 values exactly and sum in FP32,
-    so they meet the exact-products tolerance with FP8 MMAs configured (the default `mma`), on
+    so they meet the exact-products tolerance with FP8 MMAs configured (`mma="fp8"`), on
     tokens whose groups of 32 are up to 2^12 apart, with K ending on a partial step (H = 160,
     2880) or not (1152)."""
     shape = MoEShape("case", case.experts, case.topk, case.hidden, case.inter)
@@ -286,7 +286,7 @@ def test_fma_tiles_multiply_exactly(case, tiles, device):
     p.x = _spread_groups(p.x, seed=6)
     p = p.to(device)
     buf = megamoe.MegaMoEBuffer(case.experts, case.capacity, case.topk, case.hidden, case.inter,
-                                intermediate_sf=case.intermediate_sf, device=device)
+                                intermediate_sf=case.intermediate_sf, mma=case.mma, device=device)
     l1, l2 = megamoe.transform_weights(p.l1, p.l2)
     megamoe.pre_dispatch(p.x, p.topk_idx, p.topk_weights, buf)
     y = torch.full_like(p.x, float("nan"))
@@ -479,6 +479,15 @@ def test_buffer_rejects_bad_mma(kwargs):
         megamoe.MegaMoEBuffer(8, 4, 2, 64, 32, device="cpu", **kwargs)
 
 
+def test_buffer_defaults_to_exact_products_in_l1():
+    """Finding 6 (docs/RELIABILITY.md): FP8 MMAs in L1 put a few tokens in a thousand past the
+    contract, so an fp8xfp4 buffer given no `mma` runs L1 on exact products; bf16xbf16 has no
+    choice to make."""
+    assert megamoe.MegaMoEBuffer(8, 4, 2, 64, 32, device="cpu").mma == "fp16-l1"
+    assert megamoe.MegaMoEBuffer(8, 4, 2, 64, 32, mode="bf16xbf16", device="cpu").mma == "fp8"
+    assert megamoe.MegaMoEBuffer(8, 4, 2, 64, 32, mma="fp8", device="cpu").mma == "fp8"
+
+
 def test_each_mma_names_the_gemms_on_exact_products():
     from megamoe.reference import MMAS, exact_products
 
@@ -520,6 +529,53 @@ def test_exact_gemms_past_three_rows_an_expert_take_the_gluon_shapes(rows_per_ex
     fp8 = prefill_wgmma._shape_args(experts, False, rows)
     assert not fp8["EXACT"] and not fp8["TOKENS_M"]
     assert fp8["num_warps"] == prefill_wgmma.NUM_WARPS and fp8["BLOCK_T"] == prefill_wgmma.ROWS_T
+
+
+@pytest.mark.parametrize("mma, gemms, tokens", [("fp16-l1", ["l1"], 10), ("fp16", ["l1", "l2"], 10), ("fp8", [], 10),
+                                                ("fp16", [], 4)])
+def test_split_exact_gemms_send_the_experts_past_two_rows_to_the_gluon_kernels(mma, gemms, tokens, device,
+                                                                                monkeypatch):
+    """Where the Gluon kernels run, a split GEMM (`GemmConfig.fma_mix` = 2) on exact products
+    with more than `config.EXACT_GLUON_MIX_FROM` (1) rows an expert (10 tokens: 2.5) launches
+    them for the experts with more than two rows (rows_above = 2) on rebased rows (L1: the
+    buffer's rebased copy, L2: in place), then only the FMA launches of the Triton kernels, on
+    the rows as they were (L1) and the rebased ones (L2). FP8 MMAs, and exact products at one
+    row an expert (4 tokens), keep all three Triton launches. Plumbing only: the Gluon
+    launchers are recorded, not run (they need a GPU; tests/test_prefill_wgmma.py runs them)."""
+    from megamoe import experts as experts_mod
+    from megamoe.kernels import prefill_wgmma
+
+    hidden, inter, num_experts, topk = 128, 64, 8, 2
+    shape = MoEShape("split", num_experts, topk, hidden, inter)
+    p = make_problem(shape, tokens, seed=11).to(device)
+    buf = megamoe.MegaMoEBuffer(num_experts, tokens, topk, hidden, inter, mma=mma, device=device)
+    l1, l2 = megamoe.transform_weights(p.l1, p.l2)
+    megamoe.pre_dispatch(p.x, p.topk_idx, p.topk_weights, buf)
+    gluon, triton_launches = [], []
+    monkeypatch.setattr(prefill_wgmma, "supported", lambda *a, **k: True)
+    monkeypatch.setattr(prefill_wgmma, "launch_l1",
+                        lambda buf_, n, epr, a, a_sf, *rest, rows_above=0: gluon.append(("l1", a, rows_above)))
+    monkeypatch.setattr(prefill_wgmma, "launch_l2",
+                        lambda buf_, n, rw, out, w, pdl, rows_above=0: gluon.append(("l2", buf_.inter, rows_above)))
+    real_launch = experts_mod._launch
+
+    def record(kernel, grid, persistent, args, kwargs):
+        triton_launches.append((kernel, args[0], kwargs["ROWS_ABOVE"], kwargs["ROWS_UP_TO"], kwargs["BLOCK_M"]))
+        real_launch(kernel, grid, persistent, args, kwargs)
+
+    monkeypatch.setattr(experts_mod, "_launch", record)
+    with force_config(**MIXED_TILES[2]):
+        megamoe.mega_moe(torch.empty_like(p.x), l1, l2, buf)
+    assert [(g, rows_above) for g, _, rows_above in gluon] == [(g, 2) for g in gemms]
+    for g, rows, _ in gluon:
+        assert rows.data_ptr() == (buf.x_rebased if g == "l1" else buf.inter).data_ptr()
+    kernels = {"l1": experts_mod._l1_swiglu_kernel, "l2": experts_mod._l2_kernel}
+    for g, kernel in kernels.items():
+        launches = [(above, up_to, block_m) for k, _, above, up_to, block_m in triton_launches if k is kernel]
+        fma = [(1, 2, 2), (0, 1, 1)]
+        assert launches == (fma if g in gemms else [(2, 0, 16)] + fma), g
+    l1_rows = {a.data_ptr() for k, a, *_ in triton_launches if k is kernels["l1"]}
+    assert l1_rows == {buf.x.data_ptr()}   # the FMA tiles read the rows pre_dispatch wrote
 
 
 # H100/H200 SM: 64K registers, 228 KB shared memory, 2048 threads.

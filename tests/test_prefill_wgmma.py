@@ -5,6 +5,8 @@ Gluon does not run under the Triton interpreter, so these run through the device
 `python -m pytest -m gpu tests/test_prefill_wgmma.py`.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -23,11 +25,14 @@ padding scale groups left out of each step's largest exponent."""
 
 def _run(p, shape, tokens, monkeypatch, wgmma: bool, **kwargs):
     monkeypatch.setenv("MEGAMOE_WGMMA", "1" if wgmma else "0")
-    calls = []
+    calls = []   # the Gluon launches, "launch_l1" or "launch_l1/rows_above=2" (a split GEMM's MMA launch)
+
+    def spy(*a, _f, _n, **k):
+        calls.append(_n + (f"/rows_above={k['rows_above']}" if k.get("rows_above") else ""))
+        return _f(*a, **k)
+
     for name in ("launch_l1", "launch_l2"):
-        original = getattr(prefill_wgmma, name)
-        monkeypatch.setattr(prefill_wgmma, name,
-                            lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+        monkeypatch.setattr(prefill_wgmma, name, functools.partial(spy, _f=getattr(prefill_wgmma, name), _n=name))
     buf = megamoe.MegaMoEBuffer(shape.num_experts, tokens, shape.num_topk, shape.hidden, shape.intermediate,
                                 intermediate_sf=kwargs.pop("intermediate_sf", "ue8m0"), mma=kwargs.pop("mma", "fp8"))
     l1, l2 = megamoe.transform_weights(p.l1, p.l2, l1_bias=kwargs.pop("l1_bias", None),
@@ -104,6 +109,26 @@ def test_exact_products_take_the_gluon_kernels_past_three_rows_an_expert(shape, 
     partly padding and masked; the FP8 L2 of fp16-l1 keeps its Triton row tiles."""
     gluon = ("launch_l1", "launch_l2") if mma == "fp16" else ("launch_l1",)
     err, err_triton = _errors_gluon_and_triton(shape, tokens, experts, tokens + 1, monkeypatch, mma=mma, gluon=gluon)
+    if mma == "fp16":
+        assert err <= LAYER_EXACT_PRODUCTS and err_triton <= LAYER_EXACT_PRODUCTS, (err, err_triton)
+    else:
+        assert err <= LAYER_KERNEL_VS_REFERENCE and err <= 2 * err_triton + 1e-3, (err, err_triton)
+
+
+@pytest.mark.parametrize("shape, tokens, experts, mma", [
+    (TAIL, 10, None, "fp16"), (MODEL_SHAPES["v4-flash"], 6, 16, "fp16-l1"), (MODEL_SHAPES["v4-flash"], 8, 16, "fp16"),
+    (MODEL_SHAPES["gpt-oss-120b"], 8, 16, "fp16-l1")])
+def test_split_exact_gemms_run_the_experts_past_two_rows_on_the_gluon_kernels(shape, tokens, experts, mma,
+                                                                               monkeypatch):
+    """From `config.FMA_UP_TO` to `MIX_UP_TO` rows an expert (1.8-2.7 here) a GEMM is split by
+    the experts' row counts (`GemmConfig.fma_mix` = 2). An exact one runs the experts with
+    three rows or more on exact `_gemm` (rebased rows; rows_above = 2) and the others on the
+    FMA tiles, which read the rows as they were (L1) or rebased in place (L2)."""
+    p = make_problem(shape, tokens, device="cuda", masked_ratio=0.1, seed=tokens + 7, num_experts=experts)
+    counts = torch.bincount(p.topk_idx[p.topk_idx >= 0].long().flatten(), minlength=experts or shape.num_experts)
+    assert bool((counts > 2).any()) and bool(((counts > 0) & (counts <= 2)).any()), counts
+    gluon = ("launch_l1/rows_above=2", "launch_l2/rows_above=2") if mma == "fp16" else ("launch_l1/rows_above=2",)
+    err, err_triton = _errors_gluon_and_triton(shape, tokens, experts, tokens + 7, monkeypatch, mma=mma, gluon=gluon)
     if mma == "fp16":
         assert err <= LAYER_EXACT_PRODUCTS and err_triton <= LAYER_EXACT_PRODUCTS, (err, err_triton)
     else:

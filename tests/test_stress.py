@@ -422,13 +422,17 @@ def test_pressure_with_ranks_sharing_one_gpu(num_ranks, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch_sizes, experts, mma", [(stress.GRAPH_BATCH_SIZES, stress.GRAPH_EXPERTS, "fp8"),
+@pytest.mark.parametrize("batch_sizes, experts, mma", [(stress.GRAPH_BATCH_SIZES, stress.GRAPH_EXPERTS, "fp16-l1"),
+                                                       (stress.GRAPH_BATCH_SIZES, stress.GRAPH_EXPERTS, "fp8"),
+                                                       ((1, 8, 16, 40), 32, "fp16-l1"),
                                                        ((1, 64, 1024, 4096), 32, "fp8"),
                                                        ((1, 64, 1024, 4096), 32, "fp16-l1")],
-                         ids=["decode", "prefill", "prefill-fp16-l1"])
+                         ids=["decode", "decode-fp8", "split", "prefill-fp8", "prefill"])
 def test_graph_soak_on_gpu(batch_sizes, experts, mma):
-    """In the prefill cases 1024 and 4096 tokens put 256 and 1024 rows on an expert: the prefill
-    tiles (on Hopper the Gluon kernels, with mma="fp16-l1" the exact-products ones in L1)."""
+    """In the split case 8 tokens put 2 rows on an expert: a split GEMM, on Hopper with the
+    default mma="fp16-l1" its experts with three rows or more on the Gluon kernels. In the
+    prefill cases 1024 and 4096 tokens put 256 and 1024 rows on an expert: the prefill tiles (on
+    Hopper the Gluon kernels, with mma="fp16-l1" the exact-products ones in L1)."""
     result = graph_soak(10000, 100, batch_sizes, num_experts=experts, tolerance=LAYER_KERNEL_VS_REFERENCE, mma=mma)
     assert result["captured"] and result["checks"] == 100
     assert result["failures"] == [], result["failures"][:10]

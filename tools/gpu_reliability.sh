@@ -33,7 +33,8 @@
 # COPIES (default GPUS / ranks) runs more copies than GPU sets, round robin: the iterations are
 # mostly CPU work (reference, checks, compiles), so several copies share one GPU, e.g.
 #     COPIES=8 ITERATIONS=800 tools/gpu_reliability.sh stress-ep1
-# MMA=fp16-l1 or fp16 runs them (and memcheck, racecheck, graphs, large) on exact products (`--mma`).
+# MMA=fp8 or fp16 runs them (and memcheck, racecheck, graphs, large) on that `--mma` instead of the
+# default fp16-l1 (exact products in L1).
 # SHARE_GPU=1 puts each copy's ranks of stress-ep2/ep4 on one GPU (`--share-gpu`: processes on
 # one device, the buffers over symm through CUDA IPC), for a machine with fewer GPUs than ranks:
 #     SHARE_GPU=1 COPIES=4 tools/gpu_reliability.sh stress-ep4
@@ -45,7 +46,7 @@ ITERATIONS=${ITERATIONS:-1000}
 START=${START:-0}
 PROFILE=${PROFILE:-gpu}
 EP_BACKEND=${EP_BACKEND:-auto}
-MMA=${MMA:-fp8}   # the stress steps' --mma (fp16-l1, fp16: exact products)
+MMA=${MMA:-fp16-l1}   # the steps' --mma (the library's default; fp8, fp16)
 FAULTS=mismatched_capacity,late_half,late_double,killed_counts,killed_dispatch,killed_combine
 [ "$EP_BACKEND" = symm ] && FAULTS=$FAULTS,killed_gather   # a peer dies while the others pull its rows
 mkdir -p "$OUT"

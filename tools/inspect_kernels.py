@@ -125,18 +125,22 @@ def variants():
 
 def gluon_variants():
     """The Gluon kernels of kernels/prefill_wgmma.py as `_shape_args` launches them for 256
-    experts: FP8 `_gemm` at prefill (200 rows an expert) and the exact products at 8 (exact
-    `_gemm`), 24 (`_gemm_t`, 64 tokens) and 200 rows an expert (`_gemm_t`, 128 tokens). The
-    config's block_m is the tokens a tile, block_n the weight rows a program."""
-    for exact, rows_per_expert in ((False, 200), (True, 8), (True, 24), (True, 200)):
+    experts: FP8 `_gemm` at prefill (200 rows an expert), the exact products at 8 (exact
+    `_gemm`), 24 (`_gemm_t`, 64 tokens) and 200 rows an expert (`_gemm_t`, 128 tokens), and at 2
+    the MMA launch of a split GEMM (exact `_gemm`, experts with more than 2 rows). The config's
+    block_m is the tokens a tile, block_n the weight rows a program."""
+    for exact, rows_per_expert, rows_above in ((False, 200, 0), (True, 8, 0), (True, 24, 0), (True, 200, 0),
+                                               (True, 2, 2)):
         shape = prefill_wgmma._shape_args(256, exact, rows_per_expert * 256)
         warps = shape.pop("num_warps")
         cfg = GemmConfig(shape["BLOCK_T"], shape["BLOCK_W"], warps, shape["STAGES"])
         core = "gemm_t" if shape["TOKENS_M"] else "gemm"
-        tag = f"{core}{'-exact' if exact else ''}"
+        tag = f"{core}{'-exact' if exact else ''}{'-mix' if rows_above else ''}"
         yield (f"gl1-{tag}", cfg), prefill_wgmma._l1_kernel, GLUON_L1_TYPES, dict(
-            shape, HAS_CLAMP=False, INTER_SF_FP32=False, HAS_BIAS=False, GPT_OSS=False, PDL=True)
-        yield (f"gl2-{tag}", cfg), prefill_wgmma._l2_kernel, GLUON_L2_TYPES, dict(shape, HAS_BIAS=False, PDL=True)
+            shape, HAS_CLAMP=False, INTER_SF_FP32=False, HAS_BIAS=False, GPT_OSS=False, PDL=True,
+            ROWS_ABOVE=rows_above)
+        yield (f"gl2-{tag}", cfg), prefill_wgmma._l2_kernel, GLUON_L2_TYPES, dict(
+            shape, HAS_BIAS=False, PDL=True, ROWS_ABOVE=rows_above)
 
 
 def main():

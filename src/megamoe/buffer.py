@@ -73,7 +73,7 @@ import torch
 import torch.distributed as dist
 
 from .formats import SCALE_GROUP, num_sf_words
-from .reference import INTERMEDIATE_SF, MMAS, MODES, check_intermediate_sf, check_mma, check_mode
+from .reference import INTERMEDIATE_SF, MMAS, MODES, check_intermediate_sf, check_mma, check_mode, default_mma
 
 ALIGN = 256
 RECORD_ALIGN = 16
@@ -256,16 +256,18 @@ class MegaMoEBuffer:
     backend:              "auto", "nccl" or "symm" (see `resolve_backend`); with group=None
                           only "auto" (no communication).
     intermediate_sf:      "ue8m0" (power-of-two scales per 32 of I) or "fp32" scales.
-    mma:                  the tensor cores of the fp8xfp4 GEMMs. "fp8" (default): FP8 MMAs,
-                          whose sums inside one MMA are truncated on Hopper: layer errors of
-                          2-4e-3 on the benchmark shapes, but a few tokens in a thousand
-                          stray past 1e-2, so a batch whose norm sits in such a token breaks
-                          the contract (docs/RELIABILITY.md, finding 6). "fp16-l1": L1 on
-                          the same FP8 operands converted exactly to FP16 (exact products,
-                          FP32 sums), L2 on FP8 MMAs: every token within 6.5e-3 there, at
-                          1.10-1.20x the time at 64-256 tokens, 1.01-1.03x at 512 and 4096,
-                          0.68-0.99x at 1024-2048 (EP = 1, H200, 2026-12-03, docs/PERF.md
-                          v20-v21). "fp16": both GEMMs exact.
+    mma:                  the tensor cores of the fp8xfp4 GEMMs; None: "fp16-l1" (DEFAULT_MMA
+                          of megamoe.reference). "fp16-l1": L1 on the FP8 operands converted
+                          exactly to FP16 (exact products, FP32 sums), L2 on FP8 MMAs: layer
+                          errors of 2.4e-4 to 9e-4 on the benchmark shapes and every token
+                          within 6.5e-3. "fp8": FP8 MMAs in both, whose sums inside one MMA are
+                          truncated on Hopper: layer errors of 2-4e-3, but a few tokens in a
+                          thousand stray past 1e-2, so a batch whose norm sits in such a token
+                          breaks the contract (docs/RELIABILITY.md, finding 6). At EP = 1 on an
+                          H200 (2026-12-03, docs/PERF.md v22) "fp8" takes 5-16% off the call at
+                          64-256 tokens and 1-3% at 512 and 4096-8192; it is slower at 1024-2048
+                          and runs the same FMA tiles up to half a row an expert (1-16 tokens
+                          of the benchmark shapes). "fp16": both GEMMs exact.
     device:               where to allocate; default: the current CUDA device, else the CPU.
                           With a group, the collectives run on tensors of this device.
 
@@ -278,7 +280,8 @@ class MegaMoEBuffer:
 
     def __init__(self, num_experts: int, max_tokens_per_rank: int, num_topk: int, hidden: int,
                  intermediate: int, group=None, mode: str = "fp8xfp4", *, backend: str = "auto",
-                 intermediate_sf: str = "ue8m0", mma: str = "fp8", device: str | torch.device | None = None):
+                 intermediate_sf: str = "ue8m0", mma: str | None = None,
+                 device: str | torch.device | None = None):
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("MegaMoEBuffer: cannot allocate or rendezvous during CUDA-graph capture; "
                                "create it before capturing")
@@ -288,6 +291,7 @@ class MegaMoEBuffer:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
+        mma = default_mma(mode) if mma is None else mma
         if group is None:
             if backend != "auto":
                 resolve_backend(backend, 1)  # an unknown name gets its own error

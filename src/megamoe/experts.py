@@ -21,7 +21,7 @@ import triton
 
 from . import env
 from .formats import ue8m0_to_float
-from .kernels.config import GemmConfig, fma_ahead, is_fma, is_wide, pick_config
+from .kernels.config import GemmConfig, fma_ahead, is_fma, is_wide, mix_on_gluon_kernels, pick_config
 from .kernels.l1_swiglu import _l1_swiglu_kernel
 from .kernels.l2 import _l2_kernel
 from .kernels.launch import pdl_options
@@ -210,7 +210,9 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
     (kernels/rebase.py; the x scales are powers of two): into `rebased` = (rows, scales) when
     given (the local backend: buf.x stays as pre_dispatch wrote it), else in place (received
     rows, which only this call reads). On Hopper they then run kernels/prefill_wgmma.py's
-    kernels where `prefill_wgmma.supported` says so.
+    kernels where `prefill_wgmma.supported` says so; so does the MMA launch of a split GEMM on
+    exact products (`config.mix_on_gluon_kernels`), on the rebased rows, while its FMA launches
+    read the rows as they were.
     """
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
@@ -218,22 +220,27 @@ def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1:
     # these placeholder pointers then.
     placeholder = l1.w
     gluon = quantized and prefill_wgmma.supported(buf, gathered=gathered, persistent=persistent, remote=False)
+    exact_gluon = gluon and exact_products(buf.mma, "l1")
     cfg, col_tiles, launches = _tiling("l1", num_entries, experts, inter, quantized, rows_hint,
-                                       exact_gluon=gluon and exact_products(buf.mma, "l1"))
+                                       exact_gluon=exact_gluon)
     w_sf = l1.w_sf if quantized else placeholder
     a_scales = a_scales if quantized else placeholder
     a_per_step = quantized and is_wide(cfg)
-    if a_per_step:
+    mix_on_gluon = exact_gluon and mix_on_gluon_kernels(cfg, num_entries, experts)
+    if a_per_step or mix_on_gluon:
         dst, dst_scales = rebased if rebased is not None else (a, a_scales)
         # Gathered rows are counted on the device (expert_offsets[-1]); otherwise every entry
         # reads row entry // entries_per_row.
         rebase_rows(a, a_scales, dst, dst_scales, num_entries if gathered else num_entries // entries_per_row,
                     hidden, count=buf.expert_offsets[experts:] if gathered else None)
-        a, a_scales = dst, dst_scales
         if gluon:
-            prefill_wgmma.launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts,
-                                    pdl_options(buf.device))
-            return
+            prefill_wgmma.launch_l1(buf, num_entries, entries_per_row, dst, dst_scales, route_weights, l1, opts,
+                                    pdl_options(buf.device), rows_above=cfg.fma_mix)
+            if a_per_step:
+                return
+            launches = launches[1:]   # the FMA tiles of the experts with fma_mix rows or fewer
+        else:
+            a, a_scales = dst, dst_scales
     wide = max(a_scales.numel(), buf.inter_scales.numel(), l1.w_sf.numel() if quantized else 0) >= 2**31
     args = (
         a, a_scales, a.stride(0), a_scales.stride(0),
@@ -290,7 +297,9 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
     is then unused.
     Prefill tiles (`config.is_wide`) first rebase buf.inter in place to one scale per 128 of K
     (kernels/rebase.py), with UE8M0 requant only: FP32 scales are not powers of two. On Hopper
-    they then run kernels/prefill_wgmma.py's kernel where `prefill_wgmma.supported` says so.
+    they then run kernels/prefill_wgmma.py's kernel where `prefill_wgmma.supported` says so; so
+    does the MMA launch of a split GEMM on exact products (as in `launch_l1`; its FMA launches
+    read the rebased rows).
     """
     hidden, inter, experts = buf.hidden, buf.intermediate, buf.num_local_experts
     quantized = buf.mode == "fp8xfp4"
@@ -298,15 +307,22 @@ def launch_l2(buf, num_entries, route_weights, out, l2: ExpertWeights, *, gather
     # L2's Gluon kernels take rebased rows, which need powers of two for scales (UE8M0).
     gluon = (quantized and buf.intermediate_sf == "ue8m0"
              and prefill_wgmma.supported(buf, gathered=gathered, persistent=persistent, remote=remote is not None))
+    exact_gluon = gluon and exact_products(buf.mma, "l2")
     cfg, col_tiles, launches = _tiling("l2", num_entries, experts, hidden, quantized, rows_hint,
-                                       exact_gluon=gluon and exact_products(buf.mma, "l2"))
+                                       exact_gluon=exact_gluon)
     a_per_step = quantized and is_wide(cfg) and buf.intermediate_sf == "ue8m0"
-    if a_per_step:
+    mix_on_gluon = exact_gluon and mix_on_gluon_kernels(cfg, num_entries, experts)
+    if a_per_step or mix_on_gluon:
+        # In place: the FMA tiles of a split GEMM read the rebased rows too (their scale table
+        # keeps its layout, each step's four entries equal).
         rebase_rows(buf.inter, buf.inter_scales, buf.inter, buf.inter_scales, num_entries, inter,
                     count=buf.expert_offsets[experts:])
         if gluon:
-            prefill_wgmma.launch_l2(buf, num_entries, route_weights, out, l2, pdl_options(buf.device))
-            return
+            prefill_wgmma.launch_l2(buf, num_entries, route_weights, out, l2, pdl_options(buf.device),
+                                    rows_above=cfg.fma_mix)
+            if a_per_step:
+                return
+            launches = launches[1:]
     w_sf = l2.w_sf if quantized else placeholder
     peer_ptrs, out_offset, entries_per_rank = remote if remote is not None else (placeholder, 0, 1)
     if out is None:

@@ -36,7 +36,7 @@ from .buffer import MegaMoEBuffer
 from .formats import SCALE_GROUP, quantize_mxfp4
 from .kernels.pre_dispatch import pre_dispatch
 from .moe import mega_moe
-from .reference import check_activation, check_mma, check_mode
+from .reference import check_activation, check_mma, check_mode, default_mma
 from .weights import ExpertWeights, transform_weights
 
 DEFAULT_MAX_TOKENS_PER_CALL = 1024
@@ -238,7 +238,7 @@ class BufferPool:
         self._buffers: dict[tuple, MegaMoEBuffer] = {}
 
     def get(self, device: torch.device, num_experts: int, max_tokens: int, num_topk: int, hidden: int,
-            intermediate: int, mode: str, mma: str = "fp8") -> MegaMoEBuffer:
+            intermediate: int, mode: str, mma: str | None = None) -> MegaMoEBuffer:
         key = (torch.device(device), num_experts, max_tokens, num_topk, hidden, intermediate, mode, mma)
         buf = self._buffers.get(key)
         if buf is None:
@@ -340,9 +340,10 @@ class MegaMoELayer(nn.Module):
                      uint8 [E, 2I, H/32]) used as it is.
     l2_weights:      expert L2: float [E, H, I], or the MXFP4 pair (uint8 [E, H, I/2], uint8 [E, H, I/32]).
     mode:            "fp8xfp4" (FP8 activations x MXFP4 weights) or "bf16xbf16".
-    mma:             fp8xfp4's tensor cores: "fp8" (default), "fp16-l1" (exact products in L1,
-                     which keeps every token within the contract) or "fp16" (exact products in
-                     both GEMMs); the exact ones are slower (see MegaMoEBuffer).
+    mma:             fp8xfp4's tensor cores: "fp16-l1" (exact products in L1, which keeps every
+                     token within the contract; the default), "fp8" (faster at 64-256 tokens,
+                     but a few tokens in a thousand stray past the contract) or "fp16" (exact
+                     products in both GEMMs); see MegaMoEBuffer.
     l1_bias:         None or float [E, 2I] (gate then up); l2_bias: None or float [E, H]. Kept in FP32.
     activation:      "swiglu" or "gpt_oss"; activation_clamp: None or c > 0 (gpt-oss: 7.0).
     shared_experts:  None or a module [..., H] -> [..., H], run on the layer's input and added
@@ -360,7 +361,7 @@ class MegaMoELayer(nn.Module):
     before capturing a CUDA graph.
     """
 
-    def __init__(self, router: nn.Module, l1_weights, l2_weights, *, mode: str = "fp8xfp4", mma: str = "fp8",
+    def __init__(self, router: nn.Module, l1_weights, l2_weights, *, mode: str = "fp8xfp4", mma: str | None = None,
                  l1_bias: torch.Tensor | None = None, l2_bias: torch.Tensor | None = None,
                  activation: str = "swiglu", activation_clamp: float | None = None,
                  shared_experts: nn.Module | None = None,
@@ -368,6 +369,7 @@ class MegaMoELayer(nn.Module):
                  return_router_weights: bool = False):
         super().__init__()
         check_mode(mode)
+        mma = default_mma(mode) if mma is None else mma
         check_mma(mma, mode)
         check_activation(activation)
         if not isinstance(router, nn.Module):
@@ -476,7 +478,7 @@ class MegaMoELayer(nn.Module):
     def extra_repr(self) -> str:
         clamp = f", activation_clamp={self.activation_clamp}" if self.activation_clamp is not None else ""
         bias = ", biases" if self.l1.bias is not None or self.l2.bias is not None else ""
-        mma = f", mma={self.mma}" if self.mma != "fp8" else ""
+        mma = f", mma={self.mma}" if self.mma != default_mma(self.mode) else ""
         return (f"num_experts={self.num_experts}, num_topk={self.num_topk}, hidden={self.hidden}, "
                 f"intermediate={self.intermediate}, mode={self.mode}{mma}, activation={self.activation}{clamp}{bias}, "
                 f"experts={self.expert_nbytes / 2**20:.1f} MiB on {self.device}")

@@ -23,7 +23,7 @@ from torch import nn
 from . import env
 from .checkpoints import SafetensorsCheckpoint, layer_from_module, moe_spec
 from .layer import DEFAULT_MAX_TOKENS_PER_CALL, BufferPool
-from .reference import check_mma, check_mode
+from .reference import check_mma, check_mode, default_mma
 
 logger = logging.getLogger("megamoe")
 
@@ -76,7 +76,7 @@ def _checkpoint_prefix(ckpt: SafetensorsCheckpoint, module_name: str, family: st
 
 def patch_model(model: nn.Module, mode: str = "fp8xfp4", *, checkpoint=None,
                 max_tokens_per_call: int = DEFAULT_MAX_TOKENS_PER_CALL, share_buffers: bool = True,
-                mma: str = "fp8") -> nn.Module:
+                mma: str | None = None) -> nn.Module:
     """Replace every supported MoE block of a transformers model by a MegaMoELayer; return the model.
 
     model:      a transformers model (anything with `.config` and the blocks listed in the
@@ -88,7 +88,7 @@ def patch_model(model: nn.Module, mode: str = "fp8xfp4", *, checkpoint=None,
     max_tokens_per_call: tokens per fused call; longer inputs run in chunks.
     share_buffers: one MegaMoEBuffer per (device, shape) for all layers (they run one after
                 another); False gives every layer its own.
-    mma:        fp8xfp4's tensor cores, "fp8" or "fp16" (exact products; MegaMoEBuffer).
+    mma:        fp8xfp4's tensor cores: None (the default, "fp16-l1"), "fp8" or "fp16" (MegaMoEBuffer).
 
     Each new layer sits on the device of the block it replaces and returns the block's dtype;
     the old block's expert weights are released with it (shared experts are kept). Blocks whose
@@ -96,6 +96,7 @@ def patch_model(model: nn.Module, mode: str = "fp8xfp4", *, checkpoint=None,
     malformed checkpoint raises. With MEGAMOE_ENABLE=0 the model is returned unchanged.
     """
     check_mode(mode)
+    mma = default_mma(mode) if mma is None else mma
     check_mma(mma, mode)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

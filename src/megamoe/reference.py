@@ -28,6 +28,16 @@ MODES = ("fp8xfp4", "bf16xbf16")
 INTERMEDIATE_SF = ("ue8m0", "fp32")
 MMAS = ("fp8", "fp16-l1", "fp16")
 """MegaMoEBuffer(mma=...): FP8 MMAs in both GEMMs, exact products (FP16 MMAs) in L1 only, or in both."""
+DEFAULT_MMA = "fp16-l1"
+"""fp8xfp4's default: on Hopper, FP8 MMAs in L1 put a few tokens in a thousand past the
+contract's 1e-2 (docs/RELIABILITY.md, finding 6); exact products in L1 keep every token within
+it. "fp8" stays a choice for speed at 64-256 tokens (docs/PERF.md, v22)."""
+
+
+def default_mma(mode: str) -> str:
+    """The `mma` of a buffer of `mode` given none: DEFAULT_MMA in fp8xfp4 mode, "fp8" in
+    bf16xbf16 mode (which multiplies in bfloat16: there is nothing to choose)."""
+    return DEFAULT_MMA if mode == "fp8xfp4" else "fp8"
 
 
 def exact_products(mma: str, gemm: str) -> bool:
@@ -85,7 +95,7 @@ def check_mma(mma: str, mode: str) -> None:
         raise ValueError(f"mma: expected one of {MMAS}, got {mma!r}")
     if mma != "fp8" and mode != "fp8xfp4":
         raise ValueError(f"mma: {mma!r} chooses the tensor cores of mode 'fp8xfp4'; mode {mode!r} multiplies "
-                         "in bfloat16 (leave mma='fp8')")
+                         "in bfloat16 (leave mma unset)")
 
 
 def check_expert_weights(weights, mode: str, name: str) -> tuple[int, int, int]:

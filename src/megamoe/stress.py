@@ -94,7 +94,7 @@ from .formats import quantize_fp8
 from .kernels.launch import use_triton
 from .kernels.pre_dispatch import pre_dispatch
 from .moe import mega_moe
-from .reference import MMAS, mega_moe_reference
+from .reference import DEFAULT_MMA, MMAS, mega_moe_reference
 from .testing import relative_error
 from .weights import transform_weights
 
@@ -459,7 +459,7 @@ class _Stress:
     """One rank's pressure run: the current geometry's buffer and weights, and the checks."""
 
     def __init__(self, group, device: torch.device, tolerance: float, report: StressReport,
-                 ep_backend: str = "auto", mma: str = "fp8"):
+                 ep_backend: str = "auto", mma: str = DEFAULT_MMA):
         self.group = group
         self.ep_backend = ep_backend
         self.mma = mma
@@ -483,7 +483,7 @@ class _Stress:
         self.buf = MegaMoEBuffer(e, geo.num_max_tokens_per_rank, geo.num_topk, h, i, group=self.group, mode=geo.mode,
                                  intermediate_sf=geo.intermediate_sf, device=self.device,
                                  backend=self.ep_backend if self.group is not None else "auto",
-                                 mma=self.mma if geo.mode == "fp8xfp4" else "fp8")
+                                 mma=self.mma if geo.mode == "fp8xfp4" else None)
         local = self.buf.num_local_experts
         first = self.rank * local
 
@@ -669,7 +669,7 @@ def default_device() -> torch.device:
 
 def run_stress(iterations: int, *, seed: int = 0, start: int = 0, profile: str = "cpu", group=None,
                device: str | torch.device | None = None, tolerance: float = CONTRACT_RELATIVE_ERROR,
-               block_len: int = 4, progress=None, ep_backend: str = "auto", mma: str = "fp8") -> StressReport:
+               block_len: int = 4, progress=None, ep_backend: str = "auto", mma: str = DEFAULT_MMA) -> StressReport:
     """Iterations start .. start + iterations - 1 of `seed` on this process (module docstring).
 
     group: None for EP = 1; else every rank of the process group calls this with the same
@@ -716,7 +716,7 @@ def _stress_rank(rank, num_ranks, group, iterations, kwargs):
 def run_stress_ranks(iterations: int, num_ranks: int, *, seed: int = 0, start: int = 0, profile: str = "cpu",
                      backend: str = "gloo", tolerance: float = CONTRACT_RELATIVE_ERROR, block_len: int = 4,
                      workdir: str | Path | None = None, deadline_s: float = 3600.0,
-                     env_vars: dict | None = None, ep_backend: str = "auto", mma: str = "fp8",
+                     env_vars: dict | None = None, ep_backend: str = "auto", mma: str = DEFAULT_MMA,
                      share_gpu: bool = False) -> StressReport:
     """`run_stress` on `num_ranks` spawned ranks (EP = R): gloo on the CPU, nccl on R GPUs.
 
@@ -1124,7 +1124,7 @@ def graph_soak(replays: int = 10000, check_every: int = 100, batch_sizes=GRAPH_B
                num_experts: int = GRAPH_EXPERTS,
                num_topk: int = 8, hidden: int = 2048, intermediate: int = 768, seed: int = 0,
                device: str | torch.device | None = None, tolerance: float = CONTRACT_RELATIVE_ERROR,
-               mma: str = "fp8", progress=None) -> dict:
+               mma: str = DEFAULT_MMA, progress=None) -> dict:
     """Capture pre_dispatch + mega_moe for each batch size on one buffer; replay them in turn.
 
     Replay j runs batch_sizes[j % len]. Every `check_every`-th replay first writes new random
@@ -1243,7 +1243,7 @@ LARGE_CASES = (
 
 
 def run_large(case: LargeCase, *, device: str | torch.device | None = None, chunk_tokens: int = 8192,
-              tolerance: float = CONTRACT_RELATIVE_ERROR, seed: int = 0, mma: str = "fp8") -> dict:
+              tolerance: float = CONTRACT_RELATIVE_ERROR, seed: int = 0, mma: str = DEFAULT_MMA) -> dict:
     """One LargeCase at EP = 1: y against the reference chunk by chunk of tokens (so the float64
     oracle fits), the relative error of the whole and of the last chunk (where a 32-bit offset
     would wrap first), and pre_dispatch's last rows bitwise against quantize_fp8. mma is the
@@ -1307,9 +1307,9 @@ def add_cli_arguments(p) -> None:
                    help="with --ranks > 1 on a CUDA machine: every rank on GPU 0 (gloo group, symm buffers over "
                         "CUDA IPC), for one-GPU machines")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    p.add_argument("--mma", choices=MMAS, default="fp8",
-                   help="MegaMoEBuffer(mma=...) of the fp8xfp4 cases, also of --graphs and --large (default fp8; "
-                        "fp16: exact products)")
+    p.add_argument("--mma", choices=MMAS, default=DEFAULT_MMA,
+                   help=f"MegaMoEBuffer(mma=...) of the fp8xfp4 cases, also of --graphs and --large (default "
+                        f"{DEFAULT_MMA}; fp8: FP8 MMAs in both GEMMs, fp16: exact products in both)")
     p.add_argument("--tolerance", type=float, default=CONTRACT_RELATIVE_ERROR,
                    help=f"relative error allowed against the reference (default {CONTRACT_RELATIVE_ERROR:g}, "
                         "the precision contract)")

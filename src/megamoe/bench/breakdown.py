@@ -18,7 +18,7 @@ from ..experts import ExpertOptions
 from ..kernels.config import GemmConfig, force_config
 from ..kernels.pre_dispatch import pre_dispatch
 from ..testing import MODEL_SHAPES, make_problem, make_routing, relative_error
-from ..reference import MMAS, mega_moe_reference
+from ..reference import DEFAULT_MMA, MMAS, mega_moe_reference
 from ..weights import transform_weights
 from .timing import time_graph
 
@@ -52,7 +52,7 @@ VARIANTS = {
 STAGES = ("pre_dispatch", "plan", "l1", "l2", "combine")
 
 
-def breakdown(shape_name: str, tokens_list, variants, n_sets: int = 4, log=print, mma: str = "fp8"):
+def breakdown(shape_name: str, tokens_list, variants, n_sets: int = 4, log=print, mma: str = DEFAULT_MMA):
     shape = MODEL_SHAPES[shape_name]
     device = torch.device("cuda")
     problem = make_problem(shape, 1, device=device, seed=0)
@@ -105,7 +105,7 @@ def main(argv=None):
     parser.add_argument("--shape", default="v4-flash")
     parser.add_argument("--tokens", default="1,64")
     parser.add_argument("--variants", default="default")
-    parser.add_argument("--mma", default="fp8", choices=MMAS, help="MegaMoEBuffer(mma=...)")
+    parser.add_argument("--mma", default=DEFAULT_MMA, choices=MMAS, help="MegaMoEBuffer(mma=...)")
     args = parser.parse_args(argv)
     print(HEADER, flush=True)
     rows = breakdown(args.shape, [int(t) for t in args.tokens.split(",")], args.variants.split(","),

@@ -9,7 +9,8 @@ as small as the tensor cores allow (16), so many programs stream weights in para
 batches get 64-row tiles so each decoded weight tile is reused by many tokens (128-row tiles, 256
 weight rows a tile, 4 stages and 4 warps were each slower on an H200, docs/PERF.md). GEMMs on
 exact products that can run the Gluon kernels take those from three rows an expert on
-(EXACT_GLUON_FROM).
+(EXACT_GLUON_FROM), and for the experts with three rows or more of a split GEMM from one row an
+expert on (EXACT_GLUON_MIX_FROM).
 """
 
 from __future__ import annotations
@@ -139,6 +140,23 @@ v20-v21), L1 us of the Triton FP16 tiles -> the Gluon kernels: v4-flash at 256 /
 tokens (6 / 24 / 48 rows an expert) 2177 -> 1770 (exact `_gemm`, run 64; the Triton tiles from
 run 60), 3371 -> 2211, 3341 -> 2270 (`_gemm_t`, run 60); gpt-oss-120b at 1024 / 2048 (32 / 64)
 2661 -> 1154, 1769 -> 1699 (run 60)."""
+
+
+EXACT_GLUON_MIX_FROM = 1.0
+"""... and average rows per local expert above which, in a split GEMM (`GemmConfig.fma_mix`: up
+to MIX_UP_TO rows an expert), the MMA launch of an exact GEMM (the experts with three rows or
+more) runs the Gluon kernels on rebased rows (exact `_gemm`, `prefill_wgmma.launch_l1`'s
+rows_above) instead of the Triton FP16 row tiles; the FMA launches stay. Same run on an H200
+(2026-12-03, run 66, docs/PERF.md v22), whole call us, fp16-l1, Triton tiles -> Gluon: v4-flash
+at 32 / 64 / 128 tokens (0.75 / 1.5 / 3 rows an expert) 832 -> 841, 1419 -> 1383, 2292 -> 2144;
+gpt-oss-120b at 32 / 64 (1 / 2) 587 -> 595, 938 -> 889. At one row an expert or fewer the few
+experts with three rows do not pay for the rebase and the extra launch."""
+
+
+def mix_on_gluon_kernels(cfg: GemmConfig, num_rows: int, num_local_experts: int) -> bool:
+    """Whether the MMA launch of a split GEMM (`cfg.fma_mix`) over `num_rows` rows, on exact
+    products that can run the Gluon kernels (`exact_gluon`), runs them (EXACT_GLUON_MIX_FROM)."""
+    return cfg.fma_mix > 0 and num_rows / max(num_local_experts, 1) > EXACT_GLUON_MIX_FROM
 
 
 def pick_config(which: str, num_rows: int, num_local_experts: int, quantized: bool = True,

@@ -95,9 +95,11 @@ us of 4 warps x 2 stages -> 8 warps x 3 stages at 6 / 24 / 48 rows an expert (v4
 (v4-flash, 4096 tokens; the core alone, run 50) 4186 -> 3256."""
 EXACT_SMALL_UP_TO = 12
 EXACT_SMALL_TOKENS = 16
+EXACT_SMALL_STAGES = 4
 """... and up to EXACT_SMALL_UP_TO average rows an expert, `_gemm` on exact products instead
 (v21: weights the M side, EXACT_SMALL_TOKENS tokens the N side, both operands FP16 in shared
-memory, NUM_WARPS and NUM_STAGES). Same run on an H200 (2026-12-03, run 64, docs/PERF.md v21),
+memory, NUM_WARPS warps, EXACT_SMALL_STAGES ring stages: 3 ran as fast, 2 (four programs an SM
+instead of three) 1-5% slower on the whole call at 32-512 tokens, run 66). Same run on an H200 (2026-12-03, run 64, docs/PERF.md v21),
 L1 us of `_gemm_t` -> exact `_gemm` at 4 / 6 / 8 / 12 rows an expert: 1120 -> 886
 (gpt-oss-120b, 128 tokens), 2158 -> 1770 (v4-flash, 256), 1132 -> 910 (gpt-oss-120b, 256),
 2178 -> 1948 (v4-flash, 512); at 16 and 24 `_gemm_t` is faster: 1134 against 1300 with 32-token
@@ -292,16 +294,19 @@ def _real_group(e, group, k_groups):
 
 @gluon.jit
 def _find_tile(expert_offsets_ptr, num_experts, tile_id, BLOCK_E: gl.constexpr, BLOCK_T: gl.constexpr,
-               WARPS: gl.constexpr):
-    """`common.find_expert_tile` (no row-count filter) with Gluon's explicit layouts:
-    (expert, first row, end row) of row tile `tile_id` of BLOCK_T rows; expert = num_experts
-    past the last tile."""
+               WARPS: gl.constexpr, ROWS_ABOVE: gl.constexpr):
+    """`common.find_expert_tile` with Gluon's explicit layouts: (expert, first row, end row) of
+    row tile `tile_id` of BLOCK_T rows; expert = num_experts past the last tile. ROWS_ABOVE > 0:
+    only the experts with more rows than that have tiles (the MMA launch of a split GEMM,
+    `GemmConfig.fma_mix`)."""
     L: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     e = gl.arange(0, BLOCK_E, layout=L)
     ok = e < num_experts
     lo = gl.load(expert_offsets_ptr + e, mask=ok, other=0)
     hi = gl.load(expert_offsets_ptr + e + 1, mask=ok, other=0)
     tiles = (hi - lo + BLOCK_T - 1) // BLOCK_T
+    if ROWS_ABOVE > 0:
+        tiles = gl.where(hi - lo > ROWS_ABOVE, tiles, 0)
     tile_end = gl.associative_scan(tiles, 0, _add)
     expert = gl.sum((tile_end <= tile_id).to(gl.int32), axis=0)
     this = e == expert
@@ -754,21 +759,22 @@ def _l1_kernel(a_ptr, stride_a, a_scale_ptr, stride_as, topk_weights_ptr, sorted
                HAS_CLAMP: gl.constexpr, INTER_SF_FP32: gl.constexpr, HAS_BIAS: gl.constexpr, GPT_OSS: gl.constexpr,
                BLOCK_E: gl.constexpr, PDL: gl.constexpr, WARPS: gl.constexpr, BLOCK_T: gl.constexpr,
                BLOCK_W: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, EXACT: gl.constexpr,
-               TOKENS_M: gl.constexpr):
+               TOKENS_M: gl.constexpr, ROWS_ABOVE: gl.constexpr):
     """Program (n, t): intermediate columns BLOCK_W / 2 n ... (BLOCK_W / 2 of them) of row tile t
     (BLOCK_T rows). Its BLOCK_W weight rows interleave gate and up rows in blocks of 8 (tile row 16 b + i: gate row
     8 b + i for i < 8, up row 8 b + i - 8 otherwise), so that in the wgmma accumulator each
     thread holds a column's gate and up (rows r and r + 8) and the SwiGLU needs no data movement.
     EXACT: exact products; TOKENS_M: on `_gemm_t` (BLOCK_T = 16 WARPS; its accumulator holds the
     weight rows on the N side, and there too a thread holds columns c and c + 8), else on `_gemm`
-    (BLOCK_W = 16 WARPS, as with FP8 MMAs)."""
+    (BLOCK_W = 16 WARPS, as with FP8 MMAs). ROWS_ABOVE: as `_find_tile`'s."""
     C: gl.constexpr = _accumulator_layout(WARPS, BLOCK_T, BLOCK_W, EXACT, TOKENS_M)
     CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
     CP_S: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     CP_W: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
     CP_WS: gl.constexpr = gl.BlockedLayout([1, 1], [16, 2], [WARPS, 1], [1, 0])
     after_predecessor(PDL)
-    expert, r0, r1 = _find_tile(expert_offsets_ptr, num_experts, gl.program_id(1), BLOCK_E, BLOCK_T, WARPS)
+    expert, r0, r1 = _find_tile(expert_offsets_ptr, num_experts, gl.program_id(1), BLOCK_E, BLOCK_T, WARPS,
+                                ROWS_ABOVE)
     if expert < num_experts:
         COLS: gl.constexpr = BLOCK_W // 2
         GROUPS: gl.constexpr = COLS // 32
@@ -841,17 +847,18 @@ def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_
                w_ptr, stride_w_e, stride_w_tile, ws_ptr, stride_ws_e, stride_ws_n, bias_ptr, lut_ptr, out_ptr,
                hidden, inter, num_experts, HAS_BIAS: gl.constexpr, BLOCK_E: gl.constexpr, PDL: gl.constexpr,
                WARPS: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_W: gl.constexpr, STAGES: gl.constexpr,
-               WS: gl.constexpr, EXACT: gl.constexpr, TOKENS_M: gl.constexpr):
+               WS: gl.constexpr, EXACT: gl.constexpr, TOKENS_M: gl.constexpr, ROWS_ABOVE: gl.constexpr):
     """Program (n, t): hidden columns n BLOCK_W ... (BLOCK_W of them) of row tile t; row i of
     the sorted intermediate rows goes to combine row sorted_rows[i] (as `l2._l2_tile`). EXACT,
-    TOKENS_M: as `_l1_kernel`'s."""
+    TOKENS_M, ROWS_ABOVE: as `_l1_kernel`'s."""
     C: gl.constexpr = _accumulator_layout(WARPS, BLOCK_T, BLOCK_W, EXACT, TOKENS_M)
     CP_A: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [WARPS, 1], [1, 0])
     CP_S: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     CP_W: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
     CP_WS: gl.constexpr = gl.BlockedLayout([1, 1], [16, 2], [WARPS, 1], [1, 0])
     after_predecessor(PDL)
-    expert, r0, r1 = _find_tile(expert_offsets_ptr, num_experts, gl.program_id(1), BLOCK_E, BLOCK_T, WARPS)
+    expert, r0, r1 = _find_tile(expert_offsets_ptr, num_experts, gl.program_id(1), BLOCK_E, BLOCK_T, WARPS,
+                                ROWS_ABOVE)
     if expert < num_experts:
         n0 = gl.program_id(0) * BLOCK_W
         e64 = expert.to(gl.int64)
@@ -883,9 +890,12 @@ def _l2_kernel(inter_ptr, inter_scale_ptr, stride_is_m, sorted_rows_ptr, expert_
         gl.store(out_ptrs, round_to_bf16(acc).to(gl.bfloat16), mask=row_ok[None, :] & (cols < hidden)[:, None])
 
 
-def _grid(num_entries: int, num_experts: int, columns: int, per_program: int, block_t: int) -> tuple:
-    # Each expert's last row tile may be partial: at most one more tile an expert with rows.
-    return (triton.cdiv(columns, per_program), triton.cdiv(num_entries, block_t) + min(num_experts, num_entries))
+def _grid(num_entries: int, num_experts: int, columns: int, per_program: int, block_t: int,
+          rows_above: int) -> tuple:
+    # Each expert's last row tile may be partial: at most one more tile an expert with rows (with
+    # more than rows_above rows: at most num_entries // (rows_above + 1) such experts).
+    partial = min(num_experts, num_entries // (rows_above + 1))
+    return (triton.cdiv(columns, per_program), triton.cdiv(num_entries, block_t) + partial)
 
 
 def _shape_args(experts: int, exact: bool, num_entries: int) -> dict:
@@ -903,34 +913,37 @@ def _shape_args(experts: int, exact: bool, num_entries: int) -> dict:
         warps, stages = (EXACT_NARROW_WARPS, EXACT_NARROW_STAGES) if narrow else (EXACT_WARPS, EXACT_STAGES)
         block_t, block_w = 16 * warps, EXACT_ROWS_W
     else:
-        warps, stages = NUM_WARPS, NUM_STAGES
+        warps, stages = NUM_WARPS, (EXACT_SMALL_STAGES if exact else NUM_STAGES)
         block_t, block_w = (EXACT_SMALL_TOKENS if exact else ROWS_T), 16 * warps
     return dict(BLOCK_E=triton.next_power_of_2(max(experts, 32 * warps)), WARPS=warps, BLOCK_T=block_t,
                 BLOCK_W=block_w, STAGES=stages, num_warps=warps, WS=ws, EXACT=exact, TOKENS_M=tokens_m,
                 **(dict(maxnreg=WS_MAXNREG) if ws else {}))
 
 
-def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts, pdl: dict) -> None:
-    """`experts.launch_l1` for prefill on these kernels; `a`, `a_scales` already rebased."""
+def launch_l1(buf, num_entries, entries_per_row, a, a_scales, route_weights, l1, opts, pdl: dict,
+              rows_above: int = 0) -> None:
+    """`experts.launch_l1` for prefill on these kernels; `a`, `a_scales` already rebased.
+    rows_above > 0: only the experts with more rows than that (`GemmConfig.fma_mix`)."""
     experts = buf.num_local_experts
     placeholder = l1.w
     shape = _shape_args(experts, exact_products(buf.mma, "l1"), num_entries)
-    _l1_kernel[_grid(num_entries, experts, buf.intermediate, shape["BLOCK_W"] // 2, shape["BLOCK_T"])](
+    _l1_kernel[_grid(num_entries, experts, buf.intermediate, shape["BLOCK_W"] // 2, shape["BLOCK_T"], rows_above)](
         a, a.stride(0), a_scales, a_scales.stride(0), route_weights, buf.sorted_rows, buf.expert_offsets,
         l1.w, l1.w.stride(0), l1.w.stride(1), l1.w_sf.view(torch.int32), l1.w_sf.stride(0) // 2, l1.w_sf.stride(1) // 2,
         l1.bias if l1.bias is not None else placeholder, fold_table(buf.device),
         buf.inter, buf.inter_scales, buf.inter_scales.stride(0), buf.hidden, buf.intermediate, experts,
         entries_per_row, float(opts.activation_clamp) if opts.activation_clamp is not None else 0.0,
         HAS_CLAMP=opts.activation_clamp is not None, INTER_SF_FP32=buf.intermediate_sf == "fp32",
-        HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", **shape, **pdl)
+        HAS_BIAS=l1.bias is not None, GPT_OSS=opts.activation == "gpt_oss", ROWS_ABOVE=rows_above, **shape, **pdl)
 
 
-def launch_l2(buf, num_entries, route_weights, out, l2, pdl: dict) -> None:
-    """`experts.launch_l2` for prefill on these kernels; buf.inter already rebased."""
+def launch_l2(buf, num_entries, route_weights, out, l2, pdl: dict, rows_above: int = 0) -> None:
+    """`experts.launch_l2` for prefill on these kernels; buf.inter already rebased. rows_above:
+    as `launch_l1`'s."""
     experts = buf.num_local_experts
     shape = _shape_args(experts, exact_products(buf.mma, "l2"), num_entries)
-    _l2_kernel[_grid(num_entries, experts, buf.hidden, shape["BLOCK_W"], shape["BLOCK_T"])](
+    _l2_kernel[_grid(num_entries, experts, buf.hidden, shape["BLOCK_W"], shape["BLOCK_T"], rows_above)](
         buf.inter, buf.inter_scales, buf.inter_scales.stride(0), buf.sorted_rows, buf.expert_offsets, route_weights,
         l2.w, l2.w.stride(0), l2.w.stride(1), l2.w_sf.view(torch.int32), l2.w_sf.stride(0) // 2, l2.w_sf.stride(1) // 2,
         l2.bias if l2.bias is not None else l2.w, fold_table(buf.device), out, buf.hidden, buf.intermediate,
-        experts, HAS_BIAS=l2.bias is not None, **shape, **pdl)
+        experts, HAS_BIAS=l2.bias is not None, ROWS_ABOVE=rows_above, **shape, **pdl)
