@@ -88,7 +88,7 @@ def patch_model(model: nn.Module, mode: str = "fp8xfp4", *, checkpoint=None,
     max_tokens_per_call: tokens per fused call; longer inputs run in chunks.
     share_buffers: one MegaMoEBuffer per (device, shape) for all layers (they run one after
                 another); False gives every layer its own.
-    mma:        fp8xfp4's tensor cores: None (the default, "fp16-l1"), "fp8" or "fp16" (MegaMoEBuffer).
+    mma:        fp8xfp4's tensor cores: "fp16-l1" (None: the default), "fp8" or "fp16" (MegaMoEBuffer).
 
     Each new layer sits on the device of the block it replaces and returns the block's dtype;
     the old block's expert weights are released with it (shared experts are kept). Blocks whose

@@ -99,11 +99,11 @@ EXACT_SMALL_STAGES = 4
 """... and up to EXACT_SMALL_UP_TO average rows an expert, `_gemm` on exact products instead
 (v21: weights the M side, EXACT_SMALL_TOKENS tokens the N side, both operands FP16 in shared
 memory, NUM_WARPS warps, EXACT_SMALL_STAGES ring stages: 3 ran as fast, 2 (four programs an SM
-instead of three) 1-5% slower on the whole call at 32-512 tokens, run 66). Same run on an H200 (2026-12-03, run 64, docs/PERF.md v21),
-L1 us of `_gemm_t` -> exact `_gemm` at 4 / 6 / 8 / 12 rows an expert: 1120 -> 886
-(gpt-oss-120b, 128 tokens), 2158 -> 1770 (v4-flash, 256), 1132 -> 910 (gpt-oss-120b, 256),
-2178 -> 1948 (v4-flash, 512); at 16 and 24 `_gemm_t` is faster: 1134 against 1300 with 32-token
-tiles (gpt-oss-120b, 512), 2198 against 2584 (v4-flash, 1024)."""
+instead of three) 1-5% slower on the whole call at 32-512 tokens, run 66). Same run on an H200
+(2026-12-03, run 64, docs/PERF.md v21), L1 us of `_gemm_t` -> exact `_gemm` at 4 / 6 / 8 / 12
+rows an expert: 1120 -> 886 (gpt-oss-120b, 128 tokens), 2158 -> 1770 (v4-flash, 256), 1132 ->
+910 (gpt-oss-120b, 256), 2178 -> 1948 (v4-flash, 512); at 16 and 24 `_gemm_t` is faster: 1134
+against 1300 with 32-token tiles (gpt-oss-120b, 512), 2198 against 2584 (v4-flash, 1024)."""
 WARP_SPECIALIZED = False
 """Run `_gemm_ws` (one MMA warpgroup, four copy/decode warps; NUM_WARPS must be 4) instead of
 `_gemm` (FP8 MMAs only; the exact-products kernels always run `_gemm_t` or exact `_gemm`)."""
