@@ -50,8 +50,10 @@ are not gathered and the output is local (EP = 1 and the nccl backend): `support
 products take them from `config.EXACT_GLUON_FROM` (3) rows an expert on, faster there than the
 Triton FP16 row tiles: up to EXACT_SMALL_UP_TO rows an expert on `_gemm` with 16-token tiles
 (v21: the weights the M side, each step's activation rows converted to FP16 tiles in shared
-memory), then on `_gemm_t` with 64-token tiles up to EXACT_NARROW_UP_TO (v20), 128 past it.
-MEGAMOE_WGMMA=0 keeps the Triton tiles (A/B runs). Gluon kernels do not run under the Triton
+memory), then on `_gemm_t` with 64-token tiles up to EXACT_NARROW_UP_TO (v20), 128 past it;
+and in a GEMM split by the experts' row counts (one to three rows an expert,
+`config.EXACT_GLUON_MIX_FROM`) exact `_gemm` for the experts with three rows or more (ROWS_ABOVE,
+v22). MEGAMOE_WGMMA=0 keeps the Triton tiles (A/B runs). Gluon kernels do not run under the Triton
 interpreter: the CPU tests cover the Triton tiles, the GPU tests these (tests/test_gpu.py,
 tests/test_prefill_wgmma.py).
 """
